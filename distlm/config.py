@@ -1,0 +1,315 @@
+"""Typed configuration: one dataclass per Hydra config group, plus validation.
+
+Hydra composes YAML onto these schemas (registered in the ConfigStore), so an unknown
+key or a wrong type fails during composition. `validate()` then checks what a schema
+cannot express (divisibility, ranges, files that must exist). The driver converts the
+composed DictConfig into these dataclasses once; workers only ever see dataclasses.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING  # noqa: F401  (re-exported for group schemas)
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # Any transformers model_type that AutoModelForCausalLM can build (gpt2, llama, qwen2, ...).
+    arch: str = "gpt2"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    # None lets the architecture pick its default (4x hidden for gpt2, etc.).
+    intermediate_size: Optional[int] = None
+    # Extra keyword arguments for the transformers config (e.g. num_key_value_heads).
+    extra: Dict[str, Any] = field(default_factory=dict)
+    # A local Hugging Face model directory: its config and weights are loaded instead.
+    pretrained: Optional[str] = None
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib_code"
+    # stdlib_code (embedded default corpus) | text | jsonl | parquet
+    format: str = "stdlib_code"
+    # Files or directories (text: *.txt/*.md, jsonl: *.jsonl, parquet: *.parquet).
+    paths: List[str] = field(default_factory=list)
+    # Field (jsonl) or column (parquet) that holds each document's text.
+    text_field: str = "text"
+    # A local Hugging Face tokenizer directory; None trains a byte-level BPE on the corpus.
+    tokenizer: Optional[str] = None
+    vocab_size: int = 4096
+    seq_len: int = 128
+    val_fraction: float = 0.02
+    # Token files and tokenizers are cached here by content hash, shared across runs.
+    cache_dir: str = "${output_root}/.cache"
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    overlap_comm: bool = False
+    reduce_bucket_size: int = 50_000_000
+    # Passed through into ds_config["zero_optimization"] for settings not named above.
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    # Ray address to join; None uses RAY_ADDRESS, or starts a local Ray.
+    address: Optional[str] = None
+    num_workers: int = 2
+    # auto | cpu | cuda
+    device: str = "auto"
+    # auto (gloo on CPU, nccl on GPU) | gloo | nccl
+    backend: str = "auto"
+    # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16
+    precision: str = "auto"
+    cpus_per_worker: int = 1
+    gpus_per_worker: int = 1
+    # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    placement_strategy: str = "PACK"
+    # Collectives that stall longer than this fail loudly instead of hanging.
+    collective_timeout_s: int = 600
+    # Where Ray Train persists checkpoints (shared filesystem or s3://...); None = run dir.
+    storage_path: Optional[str] = None
+
+
+@dataclass
+class TrackingConfig:
+    # wandb | none
+    backend: str = "wandb"
+    # offline | online
+    mode: str = "offline"
+    project: str = "distlm"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    log_every: int = 1
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    # auto: continue from the newest complete checkpoint of this run dir | never
+    resume: str = "auto"
+    # Worker-group restarts Ray Train may do before the run fails.
+    max_failures: int = 2
+    seed: int = 1234
+    # Cap on torch intra-op threads per worker (None = cluster.cpus_per_worker).
+    threads: Optional[int] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run_name: str = "run"
+    output_root: str = "runs"
+    # Set by the CLI to Hydra's output directory (hydra.run.dir).
+    run_dir: str = ""
+    # A pretrained model directory (an export) to start from.
+    init_from: Optional[str] = None
+
+
+def register_configs() -> None:
+    """Register the root schema with Hydra's ConfigStore: each group's YAML is merged onto
+    its typed node (Config.model is a ModelConfig, ...), so every group is checked."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="distlm_schema", node=Config)
+
+
+def _choice(key: str, value: str, allowed: List[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not valid: use one of {', '.join(allowed)}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks the schema cannot express. Raises ConfigError naming the key and the fix."""
+    m, d, z, c, tr, t = cfg.model, cfg.data, cfg.zero, cfg.cluster, cfg.trainer, cfg.tracking
+    if z.stage not in (0, 1, 2, 3):
+        raise ConfigError(
+            f"zero.stage={z.stage} is not a ZeRO stage: use 0, 1, 2 or 3 "
+            "(or pick a preset: zero=zero0|zero1|zero2|zero3|zero3_offload)"
+        )
+    if z.offload_params and z.stage != 3:
+        raise ConfigError(
+            f"zero.offload_params=true needs ZeRO stage 3, got zero.stage={z.stage}: "
+            "set zero=zero3_offload or zero.offload_params=false"
+        )
+    if z.offload_optimizer and z.stage == 0:
+        raise ConfigError("zero.offload_optimizer=true needs zero.stage>=1: set zero=zero2 or zero=zero3_offload")
+    _choice("cluster.device", c.device, ["auto", "cpu", "cuda"])
+    _choice("cluster.backend", c.backend, ["auto", "gloo", "nccl"])
+    _choice("cluster.precision", c.precision, ["auto", "fp32", "bf16", "fp16"])
+    _choice("cluster.placement_strategy", c.placement_strategy, ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
+    _choice("data.format", d.format, ["stdlib_code", "text", "jsonl", "parquet"])
+    _choice("tracking.backend", t.backend, ["wandb", "none"])
+    _choice("tracking.mode", t.mode, ["offline", "online"])
+    _choice("trainer.resume", tr.resume, ["auto", "never"])
+    if c.num_workers < 1:
+        raise ConfigError(f"cluster.num_workers={c.num_workers} must be at least 1")
+    if c.cpus_per_worker < 1:
+        raise ConfigError(f"cluster.cpus_per_worker={c.cpus_per_worker} must be at least 1")
+    for key, value in [
+        ("trainer.max_steps", tr.max_steps),
+        ("trainer.micro_batch_size", tr.micro_batch_size),
+        ("trainer.global_batch_size", tr.global_batch_size),
+        ("trainer.eval_every", tr.eval_every),
+        ("trainer.checkpoint_every", tr.checkpoint_every),
+        ("trainer.keep_checkpoints", tr.keep_checkpoints),
+        ("trainer.log_every", tr.log_every),
+        ("data.seq_len", d.seq_len),
+        ("model.hidden_size", m.hidden_size),
+        ("model.num_layers", m.num_layers),
+        ("model.num_heads", m.num_heads),
+    ]:
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be a positive integer")
+    per_step = c.num_workers * tr.micro_batch_size
+    if tr.global_batch_size % per_step != 0:
+        lower = max(per_step, tr.global_batch_size // per_step * per_step)
+        raise ConfigError(
+            f"trainer.global_batch_size={tr.global_batch_size} is not divisible by "
+            f"cluster.num_workers x trainer.micro_batch_size = {c.num_workers} x {tr.micro_batch_size} = {per_step}: "
+            f"set trainer.global_batch_size to a multiple of {per_step} (e.g. {lower}) or change trainer.micro_batch_size"
+        )
+    if m.hidden_size % m.num_heads != 0:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}: "
+            "pick a head count that divides the hidden size"
+        )
+    if not 0.0 <= d.val_fraction < 0.5:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 0.5)")
+    if d.vocab_size < 256 + 8 and d.tokenizer is None:
+        raise ConfigError(f"data.vocab_size={d.vocab_size} is too small for a byte-level BPE: use at least 264")
+    if tr.warmup_steps < 0 or tr.warmup_steps > tr.max_steps:
+        raise ConfigError(
+            f"trainer.warmup_steps={tr.warmup_steps} must be between 0 and trainer.max_steps={tr.max_steps}"
+        )
+    if d.format != "stdlib_code":
+        if not d.paths:
+            raise ConfigError(f"data.paths is empty but data.format={d.format}: set data.paths=[/path/to/files]")
+        for p in d.paths:
+            if not Path(p).exists():
+                raise ConfigError(f"data.paths: {p} does not exist: fix the path or create the file")
+    for key, p in [("data.tokenizer", d.tokenizer), ("model.pretrained", m.pretrained), ("init_from", cfg.init_from)]:
+        if p is not None and not Path(p).is_dir():
+            raise ConfigError(f"{key}={p} is not a directory: give a local Hugging Face directory (save_pretrained layout)")
+    if t.backend == "wandb" and t.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise ConfigError(
+            "tracking.mode=online needs WANDB_API_KEY in the environment: export it, or use tracking=wandb_offline"
+        )
+
+
+def conf_dir() -> Path:
+    """conf/ inside an installed wheel, else the repository's top-level conf/."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").exists():
+            return candidate
+    raise FileNotFoundError(f"distlm's conf/ directory is missing (looked in {here} and {here.parent})")
+
+
+def compose(overrides: List[str]) -> "tuple[Config, Any]":
+    """Compose conf/ with command-line overrides into a typed, validated Config.
+
+    Returns (Config, DictConfig of the job config). Raises ConfigError with a one-line
+    message for anything wrong, before any heavy import.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="distlm"):
+            full = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+            run_dir = str(full.hydra.run.dir)
+            OmegaConf.set_struct(full, False)
+            del full["hydra"]
+            OmegaConf.set_struct(full, True)
+            full.run_dir = run_dir
+            # `+key=value` bypasses struct mode; merging onto the schema catches it.
+            OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(full))
+            cfg = OmegaConf.to_object(full)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_explain(e)) from e
+    _absolute_paths(cfg)
+    validate(cfg)
+    return cfg, full
+
+
+def _absolute_paths(cfg: Config) -> None:
+    """Workers run in other directories (and on other nodes): resolve paths where the user typed them."""
+
+    def absolute(p: Optional[str]) -> Optional[str]:
+        return p if p is None or "://" in p else str(Path(p).expanduser().absolute())
+
+    cfg.run_dir = absolute(cfg.run_dir)
+    cfg.data.cache_dir = absolute(cfg.data.cache_dir)
+    cfg.data.paths = [absolute(p) for p in cfg.data.paths]
+    cfg.data.tokenizer = absolute(cfg.data.tokenizer)
+    cfg.model.pretrained = absolute(cfg.model.pretrained)
+    cfg.init_from = absolute(cfg.init_from)
+    cfg.cluster.storage_path = absolute(cfg.cluster.storage_path)
+
+
+def _explain(e: Exception) -> str:
+    """One line naming the key and the fix, from Hydra/OmegaConf's multi-line errors."""
+    import re
+
+    cause = e.__cause__ or e
+    text = str(cause)
+    full_key = getattr(cause, "full_key", None)
+    first = text.strip().splitlines()[0] if text.strip() else type(cause).__name__
+    m = re.search(r"Key '([^']+)' not in '([^']+)'|Key '([^']+)' is not in struct", text)
+    if m or "not in struct" in text:
+        key = full_key or (m and (m.group(1) or m.group(3))) or "?"
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        where = f" (see the schema of '{parent}' in distlm/config.py)" if parent else ""
+        return f"unknown config key '{key}': check the spelling{where}, or run `distlm train --cfg` to list the keys"
+    if "could not be converted" in text or "Value '" in text and "is not a valid" in text:
+        return f"{full_key or '?'}: {first}: give a value of the right type"
+    m = re.search(r"Could not find '([^']+)'", text)
+    if m:
+        group = m.group(1).split("/")[0]
+        available = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        return f"no config '{m.group(1)}': available {group} options are {', '.join(available) or '(see conf/' + group + ')'}"
+    key = f"{full_key}: " if full_key else ""
+    return f"{key}{first}"

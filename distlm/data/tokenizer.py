@@ -1,0 +1,60 @@
+"""Tokenizers: train a byte-level BPE on the corpus, or load any local Hugging Face tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from distlm.config import ConfigError
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a GPT-2 style byte-level BPE; `<|endoftext|>` is its only special token.
+
+    Byte-level means every string is encodable (no unknown tokens) and decode(encode(s)) == s.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        # All 256 byte symbols, even those absent from the corpus, so any input encodes.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(documents, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        # Spaces are content in code: never "clean up" " ." into ".".
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local save_pretrained directory (never from the Hub)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(
+            f"data.tokenizer={path} is not a directory: give a local Hugging Face tokenizer directory "
+            "(save_pretrained layout), or unset data.tokenizer to train one"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises many types (OSError, ValueError, KeyError, ...)
+        raise ConfigError(
+            f"data.tokenizer={path} could not be loaded as a Hugging Face tokenizer ({type(e).__name__}: {e}): "
+            "point it at a directory written by tokenizer.save_pretrained(), or unset it to train one"
+        ) from e
+
+
+__all__ = ["EOS_TOKEN", "load_tokenizer", "train_tokenizer"]

@@ -1,0 +1,208 @@
+"""The only module that imports DeepSpeed: ds_config, initialize, backward/step, save/load, export.
+
+The training loop talks to an `Engine`; it never sees DeepSpeed. Backend and precision
+are resolved from the cluster config and the hardware ("auto": gloo+fp32 on CPU,
+nccl+bf16 on GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import torch
+
+from distlm.config import ClusterConfig, ConfigError, TrainerConfig, ZeroConfig
+
+# DeepSpeed picks its accelerator at import time; without a GPU it must be told "cpu"
+# before the import, or it probes for CUDA and fails on CPU-only workers.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+
+CHECKPOINT_TAG = "state"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str  # cpu | cuda
+    backend: str  # gloo | nccl
+    precision: str  # fp32 | bf16 | fp16
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+
+def resolve_runtime(cluster: ClusterConfig, cuda_available: Optional[bool] = None) -> Runtime:
+    """Turn the 'auto' settings into concrete ones for the hardware at hand."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    device = cluster.device
+    if device == "auto":
+        device = "cuda" if cuda_available else "cpu"
+    if device == "cuda" and not cuda_available:
+        raise ConfigError("cluster.device=cuda but no GPU is visible: use cluster.device=auto or cpu")
+    backend = cluster.backend if cluster.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
+    if backend == "nccl" and device == "cpu":
+        raise ConfigError("cluster.backend=nccl needs GPUs: use cluster.backend=gloo (or auto) on CPU")
+    precision = cluster.precision if cluster.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    if device == "cpu" and precision == "fp16":
+        raise ConfigError("cluster.precision=fp16 is not supported on CPU: use fp32 or bf16")
+    return Runtime(device=device, backend=backend, precision=precision)
+
+
+def build_ds_config(zero: ZeroConfig, trainer: TrainerConfig, runtime: Runtime, world_size: int) -> Dict[str, Any]:
+    micro = trainer.micro_batch_size
+    accum = trainer.global_batch_size // (micro * world_size)
+    zero_opt: Dict[str, Any] = {"stage": zero.stage}
+    if zero.stage > 0:
+        zero_opt.update(
+            overlap_comm=zero.overlap_comm,
+            contiguous_gradients=True,
+            reduce_bucket_size=zero.reduce_bucket_size,
+        )
+    if zero.stage == 3:
+        # Keep small parameters resident; gather the rest layer by layer.
+        zero_opt.update(stage3_param_persistence_threshold=10_000, stage3_gather_16bit_weights_on_model_save=False)
+    if zero.offload_optimizer:
+        zero_opt["offload_optimizer"] = {"device": "cpu", "pin_memory": runtime.device == "cuda"}
+    if zero.offload_params:
+        zero_opt["offload_param"] = {"device": "cpu", "pin_memory": runtime.device == "cuda"}
+    zero_opt.update(zero.extra)
+    cfg: Dict[str, Any] = {
+        "train_batch_size": trainer.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": trainer.grad_clip,
+        "zero_optimization": zero_opt,
+        # Our optimizer is plain torch AdamW (DeepSpeed's fused one needs CUDA).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if runtime.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif runtime.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return cfg
+
+
+def lr_lambda(trainer: TrainerConfig):
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps."""
+
+    def f(step: int) -> float:
+        if step < trainer.warmup_steps:
+            return (step + 1) / trainer.warmup_steps
+        span = max(1, trainer.max_steps - trainer.warmup_steps)
+        progress = min(1.0, (step - trainer.warmup_steps) / span)
+        return trainer.min_lr_ratio + (1 - trainer.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """No weight decay on biases, norms and embeddings' 1-d parameters."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Engine:
+    """Facade over a DeepSpeed engine: forward, backward, step, save, load."""
+
+    def __init__(self, model: torch.nn.Module, zero: ZeroConfig, trainer: TrainerConfig, runtime: Runtime, world_size: int):
+        self.runtime = runtime
+        self.zero_stage = zero.stage
+        self.ds_config = build_ds_config(zero, trainer, runtime, world_size)
+        groups = param_groups(model, trainer.weight_decay)
+        betas = (trainer.beta1, trainer.beta2)
+        if zero.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=trainer.lr, betas=betas, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=trainer.lr, betas=betas, foreach=False)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(trainer))
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
+        self.accum_steps = self.ds_config["gradient_accumulation_steps"]
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
+    def __call__(self, **batch):
+        return self.ds(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        # DeepSpeed counts micro steps and applies the optimizer at the accumulation boundary.
+        self.ds.step()
+
+    def grad_norm(self) -> float:
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def save(self, directory: str) -> None:
+        """Every rank writes its own shard files; the directory may be rank-local."""
+        self.ds.save_checkpoint(directory, tag=CHECKPOINT_TAG)
+
+    def load(self, directory: str) -> None:
+        path, _ = self.ds.load_checkpoint(
+            directory, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}/{CHECKPOINT_TAG}")
+
+
+def iter_fp32_state_dict(checkpoint_dir: str, zero_stage: int) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Consolidated fp32 weights from a DeepSpeed checkpoint, one tensor at a time.
+
+    ZeRO 1-3 go through DeepSpeed's zero_to_fp32 in lazy mode: each tensor is assembled
+    from the rank shards only when it is taken, so the export never holds the whole
+    model plus every shard at once.
+    """
+    tag_dir = Path(checkpoint_dir) / CHECKPOINT_TAG
+    if zero_stage == 0:
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        for name, tensor in states["module"].items():
+            yield name, _fp32(tensor)
+        return
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    lazy = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG, lazy_mode=True)
+    for name in list(lazy):
+        yield name, _fp32(lazy.pop(name).contiguous())
+
+
+def _fp32(tensor: torch.Tensor) -> torch.Tensor:
+    # Integer buffers (position ids, masks) keep their dtype.
+    return tensor.float() if tensor.is_floating_point() else tensor
+

@@ -1,0 +1,203 @@
+"""Driver side of a training run: data, Ray Train worker group, progress, export, plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from distlm.config import Config, ConfigError
+
+CHECKPOINTS = "checkpoints"
+
+
+def run(cfg: Config, console=None) -> Dict[str, Any]:
+    """Train, export and plot. Returns a summary; raises on failure after Ray's retries."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    run_dir = Path(cfg.run_dir).resolve()
+    storage = cfg.cluster.storage_path or str(run_dir)
+    snapshot = Path(storage) / CHECKPOINTS / "checkpoint_manager_snapshot.json"
+    if cfg.trainer.resume == "never" and snapshot.exists():
+        raise ConfigError(
+            f"{run_dir} already has checkpoints and trainer.resume=never: use trainer.resume=auto to continue it, "
+            "or a new hydra.run.dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    from distlm.data import prepare_data
+
+    console.log(f"run dir: {run_dir}")
+    data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True)
+    console.log(f"data: {data.num_train_tokens:,} train / {data.num_val_tokens:,} val tokens, vocab {data.vocab_size}")
+    tokenizer_dir = run_dir / "tokenizer"
+    if not tokenizer_dir.exists():
+        shutil.copytree(data.tokenizer_dir, tokenizer_dir)
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from distlm.engine import resolve_runtime
+    from distlm.tracking import MetricsSink
+    from distlm.train import train_worker
+
+    _init_ray(cfg)
+    runtime = resolve_runtime(cfg.cluster, cuda_available=_cluster_has_gpus())
+    console.log(f"runtime: {cfg.cluster.num_workers} workers on {runtime.device}, {runtime.backend}, {runtime.precision}, ZeRO-{cfg.zero.stage}")
+    sink = ray.remote(num_cpus=0)(MetricsSink).remote()
+    resources = {"CPU": cfg.cluster.cpus_per_worker}
+    if runtime.device == "cuda":
+        resources["GPU"] = cfg.cluster.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg, "data": data, "sink": sink},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.cluster.num_workers,
+            use_gpu=runtime.device == "cuda",
+            resources_per_worker=resources,
+            placement_strategy=cfg.cluster.placement_strategy,
+        ),
+        torch_config=TorchConfig(backend=runtime.backend, timeout_s=cfg.cluster.collective_timeout_s),
+        run_config=RunConfig(
+            name=CHECKPOINTS,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints),
+        ),
+    )
+    metrics_path = run_dir / "metrics.jsonl"
+    with _Progress(sink, metrics_path, cfg.trainer.max_steps, console):
+        result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    checkpoint = result.checkpoint.path
+    console.log(f"final checkpoint: {checkpoint}")
+
+    from distlm.export import export_checkpoint
+
+    info = export_checkpoint(checkpoint, str(run_dir / "export"), str(tokenizer_dir))
+    console.log(f"export: {run_dir / 'export'} (max |logit diff| vs trained model {info.get('probe_max_abs_diff', float('nan')):.1e})")
+    plot_losses(str(metrics_path), str(run_dir / "loss.png"))
+    summary = {"run_dir": str(run_dir), "checkpoint": checkpoint, "export": str(run_dir / "export"), **_last_losses(metrics_path)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _init_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    # Workers find distlm and quiet DeepSpeed/Ray noise through these variables.
+    env = {"RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+    ray.init(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+class _Progress:
+    """Drains rank 0's metrics from the sink: appends them to metrics.jsonl and shows a bar."""
+
+    def __init__(self, sink, path: Path, total: int, console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.sink, self.path, self.console = sink, path, console
+        self.bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  {task.fields[tps]} tok/s"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = self.bar.add_task("train", total=total, loss="-", val="-", tps="-")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self.bar.start()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._drain()
+        self.bar.stop()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(0.5):
+            self._drain()
+
+    def _drain(self) -> None:
+        import ray
+
+        try:
+            records: List[Dict[str, Any]] = ray.get(self.sink.drain.remote(), timeout=10)
+        except Exception:  # a slow or restarting cluster: try again on the next tick
+            return
+        if not records:
+            return
+        with self.path.open("a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        last = records[-1]
+        fields = {"loss": f"{last['train/loss']:.3f}", "tps": f"{last['train/tokens_per_s']:,.0f}"}
+        for r in records:
+            if "val/loss" in r:
+                fields["val"] = f"{r['val/loss']:.3f}"
+                self.console.log(f"step {r['step']}: train loss {r['train/loss']:.3f}, val loss {r['val/loss']:.3f}")
+        self.bar.update(self.task, completed=last["step"], **fields)
+
+
+def _last_losses(metrics_path: Path) -> Dict[str, Optional[float]]:
+    from distlm.tracking import read_metrics
+
+    records = read_metrics(str(metrics_path))
+    vals = [r["val/loss"] for r in records if "val/loss" in r]
+    trains = [r["train/loss"] for r in records]
+    return {
+        "first_train_loss": trains[0] if trains else None,
+        "final_train_loss": trains[-1] if trains else None,
+        "first_val_loss": vals[0] if vals else None,
+        "final_val_loss": vals[-1] if vals else None,
+    }
+
+
+def plot_losses(metrics_path: str, out_png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from distlm.tracking import read_metrics
+
+    records = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["train/loss"] for r in records], label="train")
+    val = [r for r in records if "val/loss" in r]
+    ax.plot([r["step"] for r in val], [r["val/loss"] for r in val], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(Path(metrics_path).parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
