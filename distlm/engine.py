@@ -7,6 +7,8 @@ nccl+bf16 on GPU).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -197,7 +199,8 @@ def iter_fp32_state_dict(checkpoint_dir: str, zero_stage: int) -> Iterator[Tuple
         return
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    lazy = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG, lazy_mode=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress to stdout
+        lazy = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG, lazy_mode=True)
     for name in list(lazy):
         yield name, _fp32(lazy.pop(name).contiguous())
 

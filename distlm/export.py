@@ -102,6 +102,9 @@ def _check_probe(export_dir: Path, probe_path: Path, tolerance: float = 1e-4) ->
     """Reload the export with plain transformers and compare with the trained model's logits."""
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     probe = torch.load(probe_path, map_location="cpu", weights_only=True)
     model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -57,6 +57,9 @@ def train_worker(config: Dict[str, Any]) -> None:
     peak_flops = measure_matmul_peak(engine.device, runtime.dtype)
     tokens_per_step = tr.global_batch_size * seq_len
 
+    if state.step == 0:  # the starting point of the validation curve
+        val_loss = evaluate(engine, val_set, tr.micro_batch_size, tr.eval_batches, rank, world)
+        tracker.log({"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50.0))}, 0)
     engine.train()
     while state.step < tr.max_steps:
         start = time.perf_counter()

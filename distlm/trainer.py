@@ -102,7 +102,7 @@ def _init_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
-    ray.init(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=max(needed, os.cpu_count() or 1), log_to_driver=True)
 
 
 def _cluster_has_gpus() -> bool:
@@ -157,13 +157,15 @@ class _Progress:
         with self.path.open("a") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-        last = records[-1]
-        fields = {"loss": f"{last['train/loss']:.3f}", "tps": f"{last['train/tokens_per_s']:,.0f}"}
+        fields = {}
         for r in records:
+            if "train/loss" in r:
+                fields |= {"loss": f"{r['train/loss']:.3f}", "tps": f"{r['train/tokens_per_s']:,.0f}"}
             if "val/loss" in r:
                 fields["val"] = f"{r['val/loss']:.3f}"
-                self.console.log(f"step {r['step']}: train loss {r['train/loss']:.3f}, val loss {r['val/loss']:.3f}")
-        self.bar.update(self.task, completed=last["step"], **fields)
+                train = f"train loss {r['train/loss']:.3f}, " if "train/loss" in r else ""
+                self.console.log(f"step {r['step']}: {train}val loss {r['val/loss']:.3f}")
+        self.bar.update(self.task, completed=records[-1]["step"], **fields)
 
 
 def _last_losses(metrics_path: Path) -> Dict[str, Optional[float]]:
@@ -171,7 +173,7 @@ def _last_losses(metrics_path: Path) -> Dict[str, Optional[float]]:
 
     records = read_metrics(str(metrics_path))
     vals = [r["val/loss"] for r in records if "val/loss" in r]
-    trains = [r["train/loss"] for r in records]
+    trains = [r["train/loss"] for r in records if "train/loss" in r]
     return {
         "first_train_loss": trains[0] if trains else None,
         "final_train_loss": trains[-1] if trains else None,
@@ -189,8 +191,9 @@ def plot_losses(metrics_path: str, out_png: str) -> None:
     from distlm.tracking import read_metrics
 
     records = read_metrics(metrics_path)
+    train = [r for r in records if "train/loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in records], [r["train/loss"] for r in records], label="train")
+    ax.plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train")
     val = [r for r in records if "val/loss" in r]
     ax.plot([r["step"] for r in val], [r["val/loss"] for r in val], "o-", label="validation")
     ax.set_xlabel("step")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,6 +41,20 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int) -> PreTrainedToke
     )
 
 
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> None:
+    """save_pretrained, naming the class every transformers release can load.
+
+    transformers 5 writes "TokenizersBackend", which 4.x cannot resolve; both load
+    "PreTrainedTokenizerFast" for a tokenizer.json-backed tokenizer.
+    """
+    tokenizer.save_pretrained(directory)
+    config_path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2))
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local save_pretrained directory (never from the Hub)."""
     path = Path(path)
@@ -57,4 +72,4 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         ) from e
 
 
-__all__ = ["EOS_TOKEN", "load_tokenizer", "train_tokenizer"]
+__all__ = ["EOS_TOKEN", "load_tokenizer", "save_tokenizer", "train_tokenizer"]

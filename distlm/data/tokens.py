@@ -23,12 +23,12 @@ from tqdm import tqdm
 
 from distlm.config import ConfigError, DataConfig
 from distlm.data.corpus import DataError, corpus_manifest, iter_documents, stdlib_topics
-from distlm.data.tokenizer import load_tokenizer, train_tokenizer
+from distlm.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
 # Bump when the on-disk layout or the split/encoding rules change: old caches become misses.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 COMPLETE = "COMPLETE"
 # Documents per encode_batch call are capped by total characters to bound memory.
 _CHUNK_CHARS = 1 << 20
@@ -124,7 +124,7 @@ def _build(cfg: DataConfig, seed: int, key: str, out: Path, final: Path, progres
             f"data.tokenizer={cfg.tokenizer} has no eos_token, which separates documents: "
             "set eos_token in its tokenizer_config.json, or unset data.tokenizer to train one"
         )
-    tokenizer.save_pretrained(out / "tokenizer")
+    save_tokenizer(tokenizer, out / "tokenizer")
     vocab_size = len(tokenizer)
     dtype = "uint16" if vocab_size < 2**16 else "uint32"
     eos = tokenizer.eos_token_id

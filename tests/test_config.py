@@ -1,0 +1,94 @@
+"""Every conf/ file composes; every validation error exits 2 with a one-line message, fast."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli
+
+from distlm.config import Config, ConfigError, compose
+
+CONF = REPO / "conf"
+GROUP_FILES = sorted(p for p in CONF.glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_conf_file_composes(path: Path, tmp_path, monkeypatch):
+    group, option = path.parent.name, path.stem
+    overrides = [f"{group}={option}", f"hydra.run.dir={tmp_path}"]
+    if group == "data" and option != "stdlib_code":
+        sample = tmp_path / f"sample.{option}"
+        sample.write_text("x")
+        overrides.append(f"data.paths=[{sample}]")
+    if option == "wandb_online":
+        monkeypatch.setenv("WANDB_API_KEY", "test-key-never-sent")
+    cfg, _ = compose(overrides)
+    assert isinstance(cfg, Config)
+    assert cfg.run_dir == str(tmp_path)
+    node = getattr(cfg, group, None)
+    if hasattr(node, "name"):
+        assert node.name == option
+
+
+def test_all_groups_present():
+    groups = {p.name for p in CONF.iterdir() if p.is_dir()}
+    assert {"model", "data", "zero", "cluster", "tracking", "trainer", "experiment"} <= groups
+
+
+def test_overrides_reach_typed_config(tmp_path):
+    cfg, _ = compose(["model=tiny", "zero=zero3", "trainer.max_steps=50", f"hydra.run.dir={tmp_path}"])
+    assert (cfg.model.name, cfg.zero.stage, cfg.trainer.max_steps) == ("tiny", 3, 50)
+    assert isinstance(cfg.trainer.max_steps, int)
+
+
+def test_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = compose(["hydra.run.dir=relative/run", "data.cache_dir=cache"])
+    assert cfg.run_dir == str(tmp_path / "relative" / "run")
+    assert cfg.data.cache_dir == str(tmp_path / "cache")
+
+
+BAD = [
+    (["trainer.max_stepz=5"], "trainer.max_stepz"),
+    (["+trainer.foo=1"], "trainer.foo"),
+    (["trainer.max_steps=lots"], "trainer.max_steps"),
+    (["zero.stage=4"], "zero.stage"),
+    (["trainer.global_batch_size=10"], "trainer.global_batch_size"),
+    (["cluster.num_workers=3", "trainer.global_batch_size=8"], "trainer.global_batch_size"),
+    (["data=jsonl", "data.paths=[/no/such/file.jsonl]"], "data.paths"),
+    (["data=text"], "data.paths"),
+    (["model=no_such_model"], "model"),
+    (["zero.offload_params=true"], "zero.offload_params"),
+    (["cluster.precision=fp8"], "cluster.precision"),
+    (["model.hidden_size=100", "model.num_heads=3"], "model.hidden_size"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD, ids=[b[1] + ":" + b[0][-1] for b in BAD])
+def test_validation_error_in_process(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        compose(overrides)
+    message = str(e.value)
+    assert key in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("overrides,key", BAD[:8], ids=[b[1] for b in BAD[:8]])
+def test_cli_validation_exits_2_fast(overrides, key, tmp_path):
+    start = time.perf_counter()
+    result = run_cli("train", *overrides, f"hydra.run.dir={tmp_path / 'run'}")
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("distlm: error:") and key in lines[0]
+    assert elapsed < 3.0, f"validation took {elapsed:.1f}s"
+    assert not (tmp_path / "run").exists(), "a rejected run must not create its run dir"
+
+
+def test_cli_prints_config():
+    result = run_cli("train", "--cfg", "model=tiny")
+    assert result.returncode == 0
+    assert "hidden_size: 64" in result.stdout

@@ -1,0 +1,209 @@
+"""End-to-end training on a real local Ray with real DeepSpeed (gloo, CPU).
+
+Numbers are checked against an independent reference: a plain single-process PyTorch
+loop over the same global batches (no Ray, no DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY, compose_cfg, distlm_cmd, run_cli
+from wandb_records import read_runs
+
+from distlm.tracking import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def reference_losses(cfg, steps: int):
+    """The same model, data order, optimizer, schedule and clipping in one process."""
+    from distlm.data import ResumableSampler, TokenBlocks, prepare_data
+    from distlm.engine import lr_lambda, param_groups
+    from distlm.models import build_model
+
+    tr = cfg.trainer
+    data = prepare_data(cfg.data, seed=tr.seed, progress=False)
+    model = build_model(cfg.model, data.vocab_size, cfg.data.seq_len, data.eos_token_id, tr.seed)
+    optimizer = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr, betas=(tr.beta1, tr.beta2), foreach=False)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tr))
+    blocks = TokenBlocks(data.train_path, data.dtype, cfg.data.seq_len)
+    sampler = ResumableSampler(len(blocks), tr.global_batch_size, tr.global_batch_size, 0, 1, tr.seed)
+    losses = []
+    for _ in range(steps):
+        (indices,) = sampler.next_batch()
+        ids = torch.stack([blocks[i] for i in indices])
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def train_in_process(overrides, run_dir):
+    from distlm import trainer
+
+    cfg = compose_cfg(["tracking=disabled", *overrides], run_dir)
+    summary = trainer.run(cfg)
+    return cfg, summary, read_metrics(str(Path(run_dir) / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("zero", ["zero0", "zero1", "zero2", "zero3"])
+def test_two_workers_match_single_process_reference(zero, tmp_path, ray_session):
+    overrides = [f"zero={zero}", "trainer.max_steps=6", "trainer.checkpoint_every=6", "trainer.eval_every=3"]
+    cfg, summary, records = train_in_process(overrides, tmp_path / "run")
+    assert cfg.cluster.num_workers == 2
+    assert records[0]["step"] == 0 and "val/loss" in records[0]  # the curve's starting point
+    records = [r for r in records if "train/loss" in r]
+    distlm_losses = [r["train/loss"] for r in records]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    reference = reference_losses(cfg, 6)
+    assert distlm_losses == pytest.approx(reference, rel=2e-5, abs=2e-5)
+    # Training did something: the loss moved, and every metric is a finite number.
+    assert distlm_losses[-1] < distlm_losses[0]
+    for r in records:
+        for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+    assert 0 < records[-1]["train/mfu"] < 1
+
+    # The export loads with plain transformers and reproduces the trained model's logits.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = Path(summary["export"])
+    assert (export / "model.safetensors").exists() and (export / "config.json").exists()
+    probe = torch.load(Path(summary["checkpoint"]) / "probe.pt", weights_only=True)
+    model = AutoModelForCausalLM.from_pretrained(export).eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits
+    assert torch.allclose(logits, probe["logits"], atol=1e-5, rtol=0)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    ids = tokenizer("def main(", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 5
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+# --- runs driven through the CLI, as a user would: uninterrupted, interrupted, a worker killed ---
+
+# Enough steps that a kill lands mid-run; small model so each step takes a visible time.
+LONG = [
+    *TINY,
+    "trainer.max_steps=30",
+    "trainer.checkpoint_every=10",
+    "trainer.eval_every=10",
+    "trainer.max_failures=1",
+    "model.hidden_size=128",
+    "model.num_layers=4",
+    "trainer.micro_batch_size=8",
+    "trainer.global_batch_size=16",
+]
+
+
+def _losses(run_dir: Path):
+    return {r["step"]: r["train/loss"] for r in read_metrics(str(run_dir / "metrics.jsonl")) if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = run_cli("train", *LONG, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def _wait_for(predicate, timeout: float, what: str, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"run ended (rc={proc.returncode}) before {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _registered(run_dir: Path, name: str) -> bool:
+    snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
+    return snapshot.exists() and f'"{name}"' in snapshot.read_text()
+
+
+def test_resume_after_interrupt_matches_uninterrupted(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = distlm_cmd("train", *LONG, f"hydra.run.dir={run_dir}")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: _registered(run_dir, "step_00000010"), 300, "the step-10 checkpoint", proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and the workers, at once
+        proc.wait()
+    assert not _registered(run_dir, "step_00000030")
+    result = run_cli("train", *LONG, f"hydra.run.dir={run_dir}", "trainer.resume=auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    expected, resumed = _losses(uninterrupted), _losses(run_dir)
+    assert sorted(resumed) == list(range(1, 31))
+    for step in range(1, 31):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+    # The W&B run continues under one id across the interruption: two offline records
+    # (before and after), one run id, and together they hold every step's loss.
+    runs = read_runs(run_dir / "wandb")
+    assert len(runs) >= 2
+    assert len({r["run_id"] for r in runs}) == 1
+    assert {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")} == {runs[0]["run_id"]}
+    logged = {row["_step"]: row["train/loss"] for r in runs for row in r["history"] if "train/loss" in row}
+    assert set(range(1, 31)) <= set(logged)
+    for step in range(11, 31):
+        assert logged[step] == pytest.approx(resumed[step], rel=1e-6)
+    assert runs[-1]["config"]["trainer"]["max_steps"] == 30
+
+
+def test_worker_killed_mid_run_is_survived(uninterrupted, tmp_path):
+    import psutil
+
+    run_dir = tmp_path / "run"
+    cmd = distlm_cmd("train", *LONG, f"hydra.run.dir={run_dir}")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: _registered(run_dir, "step_00000010") and max(_losses(run_dir), default=0) >= 12, 300, "step 12", proc)
+        workers = [
+            p for p in psutil.process_iter(["pid", "cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+        ]
+        assert workers, "no Ray Train worker process found"
+        workers[-1].send_signal(signal.SIGKILL)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    expected, survived = _losses(uninterrupted), _losses(run_dir)
+    assert sorted(survived) == list(range(1, 31))
+    for step in range(1, 31):
+        assert survived[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+    assert (run_dir / "export" / "model.safetensors").exists()
+
+
+def test_resume_never_refuses_existing_run(uninterrupted):
+    result = run_cli("train", *LONG, f"hydra.run.dir={uninterrupted}", "trainer.resume=never")
+    assert result.returncode == 2
+    assert "trainer.resume" in result.stderr
+
+
+def test_export_command_rebuilds_export(uninterrupted, tmp_path):
+    out = tmp_path / "export"
+    result = run_cli("export", str(uninterrupted), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    info = json.loads((out / "distlm_export.json").read_text())
+    assert info["step"] == 30 and info["probe_max_abs_diff"] < 1e-5
+    bad = run_cli("export", str(tmp_path / "nope"))
+    assert bad.returncode == 2 and "not a directory" in bad.stderr
