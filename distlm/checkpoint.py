@@ -70,11 +70,15 @@ def verify(directory: str) -> Dict[str, Any]:
     """The manifest, after checking that every rank's files are present."""
     manifest = read_manifest(directory)
     d = Path(directory)
-    missing = [f"train_state_rank{r}.pt" for r in range(manifest["world_size"]) if not (d / f"train_state_rank{r}.pt").exists()]
+    missing = [
+        f"train_state_rank{r}.pt" for r in range(manifest["world_size"]) if not (d / f"train_state_rank{r}.pt").exists()
+    ]
     if not (d / "state").is_dir():
         missing.append("state/")
     if missing:
-        raise CheckpointError(f"checkpoint {directory} is incomplete, missing {', '.join(missing)}: delete it to resume from an earlier one")
+        raise CheckpointError(
+            f"checkpoint {directory} is incomplete, missing {', '.join(missing)}: delete it to resume from an earlier one"
+        )
     return manifest
 
 

@@ -47,7 +47,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as e:  # problems found on the driver after composition (data files, ...)
         return _fail(str(e), EXIT_CONFIG)
     except KeyboardInterrupt:
-        return _fail(f"interrupted; continue with: distlm train {' '.join(args.overrides)} hydra.run.dir={run_dir}", 130)
+        return _fail(
+            f"interrupted; continue with: distlm train {' '.join(args.overrides)} hydra.run.dir={run_dir}", 130
+        )
     except Exception as e:  # noqa: BLE001 - the run failed after Ray's retries: say why, once
         return _fail(f"training failed: {type(e).__name__}: {e}", 1)
     _print_summary(console, summary, cfg)

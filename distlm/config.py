@@ -226,7 +226,9 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"data.paths: {p} does not exist: fix the path or create the file")
     for key, p in [("data.tokenizer", d.tokenizer), ("model.pretrained", m.pretrained), ("init_from", cfg.init_from)]:
         if p is not None and not Path(p).is_dir():
-            raise ConfigError(f"{key}={p} is not a directory: give a local Hugging Face directory (save_pretrained layout)")
+            raise ConfigError(
+                f"{key}={p} is not a directory: give a local Hugging Face directory (save_pretrained layout)"
+            )
     if t.backend == "wandb" and t.mode == "online" and not os.environ.get("WANDB_API_KEY"):
         raise ConfigError(
             "tracking.mode=online needs WANDB_API_KEY in the environment: export it, or use tracking=wandb_offline"
@@ -242,7 +244,7 @@ def conf_dir() -> Path:
     raise FileNotFoundError(f"distlm's conf/ directory is missing (looked in {here} and {here.parent})")
 
 
-def compose(overrides: List[str]) -> "tuple[Config, Any]":
+def compose(overrides: List[str]) -> tuple[Config, Any]:
     """Compose conf/ with command-line overrides into a typed, validated Config.
 
     Returns (Config, DictConfig of the job config). Raises ConfigError with a one-line

@@ -119,7 +119,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 class Engine:
     """Facade over a DeepSpeed engine: forward, backward, step, save, load."""
 
-    def __init__(self, model: torch.nn.Module, zero: ZeroConfig, trainer: TrainerConfig, runtime: Runtime, world_size: int):
+    def __init__(
+        self, model: torch.nn.Module, zero: ZeroConfig, trainer: TrainerConfig, runtime: Runtime, world_size: int
+    ):
         self.runtime = runtime
         self.zero_stage = zero.stage
         self.ds_config = build_ds_config(zero, trainer, runtime, world_size)
@@ -140,6 +142,7 @@ class Engine:
             dist_init_required=False,
         )
         self.accum_steps = self.ds_config["gradient_accumulation_steps"]
+        self._stage0_norm = float("nan")
 
     @property
     def module(self) -> torch.nn.Module:
@@ -157,10 +160,15 @@ class Engine:
 
     def step(self) -> None:
         # DeepSpeed counts micro steps and applies the optimizer at the accumulation boundary.
+        if self.zero_stage == 0 and self.ds.is_gradient_accumulation_boundary():
+            # Without a ZeRO optimizer DeepSpeed does not report the norm; the gradients
+            # are already averaged across ranks here, so every rank computes the same one.
+            grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
+            self._stage0_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         self.ds.step()
 
     def grad_norm(self) -> float:
-        norm = self.ds.get_global_grad_norm()
+        norm = self.ds.get_global_grad_norm() if self.zero_stage > 0 else self._stage0_norm
         return float(norm) if norm is not None else float("nan")
 
     def lr(self) -> float:
@@ -208,4 +216,3 @@ def iter_fp32_state_dict(checkpoint_dir: str, zero_stage: int) -> Iterator[Tuple
 def _fp32(tensor: torch.Tensor) -> torch.Tensor:
     # Integer buffers (position ids, masks) keep their dtype.
     return tensor.float() if tensor.is_floating_point() else tensor
-

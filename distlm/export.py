@@ -26,11 +26,15 @@ def _saved_names(config) -> List[str]:
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    aliases = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)} - {n for n, _ in skeleton.named_parameters()}
+    aliases = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)} - {
+        n for n, _ in skeleton.named_parameters()
+    }
     return [n for n in skeleton.state_dict() if n not in aliases]
 
 
-def export_checkpoint(checkpoint_dir: str, out_dir: str, tokenizer_dir: Optional[str] = None, verify_logits: bool = True) -> Dict:
+def export_checkpoint(
+    checkpoint_dir: str, out_dir: str, tokenizer_dir: Optional[str] = None, verify_logits: bool = True
+) -> Dict:
     from transformers import AutoConfig
 
     from distlm.engine import iter_fp32_state_dict
@@ -69,7 +73,9 @@ def export_checkpoint(checkpoint_dir: str, out_dir: str, tokenizer_dir: Optional
     flush()
     missing = wanted - found
     if missing:
-        raise CheckpointError(f"checkpoint {checkpoint_dir} lacks weights for {sorted(missing)[:5]}: it does not match its config.json")
+        raise CheckpointError(
+            f"checkpoint {checkpoint_dir} lacks weights for {sorted(missing)[:5]}: it does not match its config.json"
+        )
     # Rename to the standard names (one file: model.safetensors; several: an index).
     if len(shards) == 1:
         (tmp / shards[0]).rename(tmp / "model.safetensors")
@@ -87,7 +93,12 @@ def export_checkpoint(checkpoint_dir: str, out_dir: str, tokenizer_dir: Optional
             if f.is_file():
                 shutil.copy(f, tmp / f.name)
 
-    info = {"checkpoint": str(checkpoint_dir), "step": manifest["step"], "zero_stage": manifest["zero_stage"], "shards": len(shards)}
+    info = {
+        "checkpoint": str(checkpoint_dir),
+        "step": manifest["step"],
+        "zero_stage": manifest["zero_stage"],
+        "shards": len(shards),
+    }
     probe = Path(checkpoint_dir) / "probe.pt"
     if verify_logits and probe.exists():
         info["probe_max_abs_diff"] = _check_probe(tmp, probe)
@@ -101,7 +112,6 @@ def export_checkpoint(checkpoint_dir: str, out_dir: str, tokenizer_dir: Optional
 def _check_probe(export_dir: Path, probe_path: Path, tolerance: float = 1e-4) -> float:
     """Reload the export with plain transformers and compare with the trained model's logits."""
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

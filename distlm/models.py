@@ -65,7 +65,9 @@ def build_model(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     else:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(build_config(cfg, vocab_size, seq_len, eos_token_id), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(
+            build_config(cfg, vocab_size, seq_len, eos_token_id), dtype=torch.float32
+        )
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

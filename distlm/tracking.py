@@ -65,7 +65,9 @@ class Tracker:
             self.wandb = None
 
 
-def make_tracker(cfg: TrackingConfig, rank: int, run_dir: str, run_id: Optional[str], config: Dict[str, Any], sink=None):
+def make_tracker(
+    cfg: TrackingConfig, rank: int, run_dir: str, run_id: Optional[str], config: Dict[str, Any], sink=None
+):
     if rank != 0:
         return NullTracker()
     return Tracker(cfg, run_dir, run_id, config, sink)

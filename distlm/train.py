@@ -117,7 +117,9 @@ def evaluate(engine: Engine, val_set: TokenBlocks, micro: int, batches: int, ran
     return float(stats[0] / stats[1])
 
 
-def save_checkpoint(engine: Engine, model, state: TrainState, rank: int, world: int, metrics: Dict[str, float], probe=None) -> None:
+def save_checkpoint(
+    engine: Engine, model, state: TrainState, rank: int, world: int, metrics: Dict[str, float], probe=None
+) -> None:
     """Each rank writes its shards to a local temp dir; Ray Train merges them into the run's
     storage and registers the checkpoint only once every rank has reported."""
     directory = tempfile.mkdtemp(prefix=f"distlm-step{state.step}-rank{rank}-")
@@ -163,4 +165,3 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-

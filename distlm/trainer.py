@@ -34,6 +34,11 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
     console.log(f"run dir: {run_dir}")
     data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True)
     console.log(f"data: {data.num_train_tokens:,} train / {data.num_val_tokens:,} val tokens, vocab {data.vocab_size}")
+    # Fail here, not in every worker, if transformers cannot build the model.
+    from distlm.models import build_config
+
+    if cfg.model.pretrained is None and cfg.init_from is None:
+        build_config(cfg.model, data.vocab_size, cfg.data.seq_len, data.eos_token_id)
     tokenizer_dir = run_dir / "tokenizer"
     if not tokenizer_dir.exists():
         shutil.copytree(data.tokenizer_dir, tokenizer_dir)
@@ -48,7 +53,9 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
 
     _init_ray(cfg)
     runtime = resolve_runtime(cfg.cluster, cuda_available=_cluster_has_gpus())
-    console.log(f"runtime: {cfg.cluster.num_workers} workers on {runtime.device}, {runtime.backend}, {runtime.precision}, ZeRO-{cfg.zero.stage}")
+    console.log(
+        f"runtime: {cfg.cluster.num_workers} workers on {runtime.device}, {runtime.backend}, {runtime.precision}, ZeRO-{cfg.zero.stage}"
+    )
     sink = ray.remote(num_cpus=0)(MetricsSink).remote()
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if runtime.device == "cuda":
@@ -81,9 +88,16 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
     from distlm.export import export_checkpoint
 
     info = export_checkpoint(checkpoint, str(run_dir / "export"), str(tokenizer_dir))
-    console.log(f"export: {run_dir / 'export'} (max |logit diff| vs trained model {info.get('probe_max_abs_diff', float('nan')):.1e})")
+    console.log(
+        f"export: {run_dir / 'export'} (max |logit diff| vs trained model {info.get('probe_max_abs_diff', float('nan')):.1e})"
+    )
     plot_losses(str(metrics_path), str(run_dir / "loss.png"))
-    summary = {"run_dir": str(run_dir), "checkpoint": checkpoint, "export": str(run_dir / "export"), **_last_losses(metrics_path)}
+    summary = {
+        "run_dir": str(run_dir),
+        "checkpoint": checkpoint,
+        "export": str(run_dir / "export"),
+        **_last_losses(metrics_path),
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

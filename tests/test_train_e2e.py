@@ -33,7 +33,9 @@ def reference_losses(cfg, steps: int):
     tr = cfg.trainer
     data = prepare_data(cfg.data, seed=tr.seed, progress=False)
     model = build_model(cfg.model, data.vocab_size, cfg.data.seq_len, data.eos_token_id, tr.seed)
-    optimizer = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr, betas=(tr.beta1, tr.beta2), foreach=False)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, tr.weight_decay), lr=tr.lr, betas=(tr.beta1, tr.beta2), foreach=False
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tr))
     blocks = TokenBlocks(data.train_path, data.dtype, cfg.data.seq_len)
     sampler = ResumableSampler(len(blocks), tr.global_batch_size, tr.global_batch_size, 0, 1, tr.seed)
@@ -59,9 +61,28 @@ def train_in_process(overrides, run_dir):
     return cfg, summary, read_metrics(str(Path(run_dir) / "metrics.jsonl"))
 
 
-@pytest.mark.parametrize("zero", ["zero0", "zero1", "zero2", "zero3"])
-def test_two_workers_match_single_process_reference(zero, tmp_path, ray_session):
-    overrides = [f"zero={zero}", "trainer.max_steps=6", "trainer.checkpoint_every=6", "trainer.eval_every=3"]
+LLAMA = [
+    "model=llama",
+    "model.hidden_size=64",
+    "model.num_heads=4",
+    "model.intermediate_size=128",
+    "model.extra.num_key_value_heads=2",
+]
+CASES = {
+    "zero0": ["zero=zero0"],
+    "zero1": ["zero=zero1"],
+    "zero2": ["zero=zero2"],
+    "zero3": ["zero=zero3"],
+    # 2 micro steps per optimizer step on each worker.
+    "zero2-accumulation": ["zero=zero2", "trainer.global_batch_size=8"],
+    "zero3-llama-activation-checkpointing": ["zero=zero3", *LLAMA, "model.activation_checkpointing=true"],
+    "zero3-offload": ["zero=zero3_offload"],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_workers_match_single_process_reference(case, tmp_path, ray_session):
+    overrides = [*CASES[case], "trainer.max_steps=6", "trainer.checkpoint_every=6", "trainer.eval_every=3"]
     cfg, summary, records = train_in_process(overrides, tmp_path / "run")
     assert cfg.cluster.num_workers == 2
     assert records[0]["step"] == 0 and "val/loss" in records[0]  # the curve's starting point
@@ -155,27 +176,43 @@ def test_resume_after_interrupt_matches_uninterrupted(uninterrupted, tmp_path):
     assert sorted(resumed) == list(range(1, 31))
     for step in range(1, 31):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
-    # The W&B run continues under one id across the interruption: two offline records
-    # (before and after), one run id, and together they hold every step's loss.
-    runs = read_runs(run_dir / "wandb")
-    assert len(runs) >= 2
-    assert len({r["run_id"] for r in runs}) == 1
-    assert {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")} == {runs[0]["run_id"]}
-    logged = {row["_step"]: row["train/loss"] for r in runs for row in r["history"] if "train/loss" in row}
-    assert set(range(1, 31)) <= set(logged)
-    for step in range(11, 31):
+    # The W&B run continues under one id across the interruption: the id is carried in the
+    # checkpoint, both offline records (before and after) bear it, and the resumed one logs
+    # the steps after its checkpoint. (wandb buffers offline records in memory, so the SIGKILLed process's file
+    # may hold no rows; metrics.jsonl, written by the driver, has them all.)
+    dirs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(dirs) == 2
+    run_ids = {d.name.rsplit("-", 1)[-1] for d in dirs}
+    assert len(run_ids) == 1
+    checkpoint_state = torch.load(
+        run_dir / "checkpoints" / "step_00000030" / "train_state_rank0.pt", weights_only=False
+    )
+    assert {checkpoint_state["train_state"]["tracker_run_id"]} == run_ids
+    resumed_record = read_runs(run_dir / "wandb")[-1]
+    assert {resumed_record["run_id"]} == run_ids
+    logged = {row["_step"]: row["train/loss"] for row in resumed_record["history"] if "train/loss" in row}
+    # It resumed from a checkpoint taken before the kill (step 10 or 20), not from scratch.
+    assert min(logged) in (11, 21) and sorted(logged) == list(range(min(logged), 31))
+    for step in logged:
         assert logged[step] == pytest.approx(resumed[step], rel=1e-6)
-    assert runs[-1]["config"]["trainer"]["max_steps"] == 30
+    assert resumed_record["config"]["trainer"]["max_steps"] == 30
 
 
-def test_worker_killed_mid_run_is_survived(uninterrupted, tmp_path):
+def _run_and_kill_a_worker(run_dir: Path, *overrides: str):
+    """Start a run, SIGKILL one Ray Train worker process after step 12, wait for the end."""
     import psutil
 
-    run_dir = tmp_path / "run"
-    cmd = distlm_cmd("train", *LONG, f"hydra.run.dir={run_dir}")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cmd = distlm_cmd("train", *LONG, f"hydra.run.dir={run_dir}", *overrides)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
-        _wait_for(lambda: _registered(run_dir, "step_00000010") and max(_losses(run_dir), default=0) >= 12, 300, "step 12", proc)
+        _wait_for(
+            lambda: _registered(run_dir, "step_00000010") and max(_losses(run_dir), default=0) >= 12,
+            300,
+            "step 12",
+            proc,
+        )
         workers = [
             p for p in psutil.process_iter(["pid", "cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
         ]
@@ -185,12 +222,27 @@ def test_worker_killed_mid_run_is_survived(uninterrupted, tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, output[-3000:]
+            proc.wait()
+    return proc.returncode, output
+
+
+def test_worker_killed_mid_run_is_survived(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    returncode, output = _run_and_kill_a_worker(run_dir)
+    assert returncode == 0, output[-3000:]
     expected, survived = _losses(uninterrupted), _losses(run_dir)
     assert sorted(survived) == list(range(1, 31))
     for step in range(1, 31):
         assert survived[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
     assert (run_dir / "export" / "model.safetensors").exists()
+
+
+def test_run_stops_with_the_cause_when_retries_are_spent(tmp_path):
+    returncode, output = _run_and_kill_a_worker(tmp_path / "run", "trainer.max_failures=0")
+    assert returncode == 1, output[-3000:]
+    last = [line for line in output.splitlines() if line.startswith("distlm: error:")]
+    assert last and "training failed" in last[-1], output[-3000:]
+    assert not (tmp_path / "run" / "export").exists()
 
 
 def test_resume_never_refuses_existing_run(uninterrupted):
@@ -203,6 +255,8 @@ def test_export_command_rebuilds_export(uninterrupted, tmp_path):
     out = tmp_path / "export"
     result = run_cli("export", str(uninterrupted), "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
+    # Only the newest trainer.keep_checkpoints (2) checkpoints are kept.
+    assert sorted(p.name for p in (uninterrupted / "checkpoints").glob("step_*")) == ["step_00000020", "step_00000030"]
     info = json.loads((out / "distlm_export.json").read_text())
     assert info["step"] == 30 and info["probe_max_abs_diff"] < 1e-5
     bad = run_cli("export", str(tmp_path / "nope"))

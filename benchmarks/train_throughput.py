@@ -1,0 +1,471 @@
+"""Training throughput of distlm against a plain PyTorch loop and plain DeepSpeed, on CPU.
+
+Same model, data order, global batch and number of steps for every variant:
+  a   plain single-process PyTorch loop (torch AdamW, lr_lambda, grad clipping), all cores
+  b   the `deepspeed` launcher: 2 processes, ZeRO-2 over gloo, the cores split between them
+  c1  distlm.trainer.run: 1 Ray worker with all cores
+  c2  distlm.trainer.run: 2 Ray workers, the cores split between them
+
+Each variant runs in a fresh process tree, one after the other, so the wall column (launch
+to exit) holds the start-up each one really costs (imports, Ray, DeepSpeed init; for c also
+distlm's step-0 eval, final checkpoint and export). tokens/s is steady state: the median step
+time after the warm-up steps. MFU is against the fp32 matmul peak of the whole machine,
+measured here with torch threads = all cores.
+
+    .venv/bin/python benchmarks/train_throughput.py --steps 40 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = {"a": "plain PyTorch", "b": "deepspeed ZeRO-2", "c1": "distlm, 1 worker", "c2": "distlm, 2 workers"}
+DEFAULT_MODEL = "model=tiny model.hidden_size=128 model.num_layers=4"
+
+
+def num_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def layout(variant: str, cores: int) -> tuple[int, int]:
+    """(processes, torch threads per process): every variant uses the whole machine."""
+    return (1, cores) if variant in ("a", "c1") else (2, max(1, cores // 2))
+
+
+def warmup_steps(steps: int) -> int:
+    # The first steps pay for allocator growth, lazy init and thread-pool start (seconds on CPU).
+    return max(2, math.ceil(0.2 * steps))
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _timed_steps(cfg, data, rank: int, world: int, micro_step: Callable, optimizer_step: Callable) -> list[float]:
+    """The same per-step clock as distlm's loop: from fetching the batch to the optimizer step."""
+    import torch
+
+    from distlm.data import ResumableSampler, TokenBlocks
+
+    tr = cfg.trainer
+    blocks = TokenBlocks(data.train_path, data.dtype, cfg.data.seq_len)
+    sampler = ResumableSampler(len(blocks), tr.global_batch_size, tr.micro_batch_size, rank, world, tr.seed)
+    times = []
+    for _ in range(tr.max_steps):
+        start = time.perf_counter()
+        for batch in sampler.next_batch():
+            micro_step(torch.stack([blocks[i] for i in batch]))
+        optimizer_step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _model_and_optimizer(cfg, data):
+    import torch
+
+    from distlm.engine import lr_lambda, param_groups
+    from distlm.models import build_model
+
+    tr = cfg.trainer
+    model = build_model(cfg.model, data.vocab_size, cfg.data.seq_len, data.eos_token_id, tr.seed, cfg.init_from)
+    model.train()
+    # The optimizer distlm's Engine builds (foreach=False there too).
+    opt = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr, betas=(tr.beta1, tr.beta2), foreach=False)
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
+
+
+def worker_a(cfg, data, threads: int) -> list[float]:
+    import torch
+
+    torch.set_num_threads(threads)
+    model, opt, sched = _model_and_optimizer(cfg, data)
+    accum = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size
+
+    def micro_step(ids: torch.Tensor) -> None:
+        (model(input_ids=ids, labels=ids).loss / accum).backward()
+
+    def optimizer_step() -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _timed_steps(cfg, data, 0, 1, micro_step, optimizer_step)
+
+
+def worker_b(cfg, data, threads: int) -> list[float] | None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from distlm.engine import build_ds_config, resolve_runtime
+
+    torch.set_num_threads(threads)
+    # The launcher sets RANK/WORLD_SIZE/MASTER_*; gloo is what Ray Train sets up for distlm.
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, opt, sched = _model_and_optimizer(cfg, data)
+    ds_config = build_ds_config(cfg.zero, cfg.trainer, resolve_runtime(cfg.cluster), world)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, dist_init_required=False
+    )
+    engine.train()
+
+    def micro_step(ids: torch.Tensor) -> None:
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()  # applies the optimizer (and clipping, scheduler) at the accumulation boundary
+
+    times = _timed_steps(cfg, data, rank, world, micro_step, lambda: None)
+    dist.barrier()
+    dist.destroy_process_group()
+    # ZeRO-2 synchronises the ranks every step, so rank 0's clock is the step time.
+    return times if rank == 0 else None
+
+
+def worker_c(cfg, variant: str, workdir: Path) -> list[float]:
+    import ray
+
+    from distlm.config import validate
+    from distlm.tracking import read_metrics
+    from distlm.trainer import run
+
+    cfg.cluster.num_workers, cfg.cluster.cpus_per_worker = layout(variant, num_cores())
+    cfg.run_dir = str(workdir / variant)
+    validate(cfg)
+    run(cfg)
+    ray.shutdown()  # part of what a user pays, so inside the wall time
+    records = read_metrics(str(Path(cfg.run_dir) / "metrics.jsonl"))
+    return [r["train/step_time_s"] for r in records if "train/step_time_s" in r]
+
+
+def worker_main(variant: str, workdir: Path, threads: int) -> None:
+    with open(workdir / "bench.pkl", "rb") as f:
+        shared = pickle.load(f)
+    cfg, data = shared["cfg"], shared["data"]
+    if variant == "a":
+        times = worker_a(cfg, data, threads)
+    elif variant == "b":
+        times = worker_b(cfg, data, threads)
+    else:
+        times = worker_c(cfg, variant, workdir)
+    if times is not None:
+        (workdir / f"{variant}.json").write_text(json.dumps({"step_times": times}))
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclass
+class Result:
+    variant: str
+    procs: int
+    threads: int
+    error: str = ""
+    wall_s: float = float("nan")
+    step_times: list[float] = field(default_factory=list)
+    tokens_per_s: float = float("nan")  # from the median measured step
+    tokens_per_s_mean: float = float("nan")  # from the total time of the measured steps
+    mfu: float = float("nan")
+    log: str = ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(variant: str, workdir: Path, threads: int) -> list[str]:
+    me = [str(Path(__file__).resolve()), "--worker", variant, "--workdir", str(workdir), "--threads", str(threads)]
+    if variant != "b":
+        return [sys.executable, *me]
+    launcher = Path(sys.executable).with_name("deepspeed")  # the venv's launcher, not one on PATH
+    if not launcher.exists():
+        launcher = Path(shutil.which("deepspeed") or "deepspeed")
+    # No hostfile: the runner launches locally, --num_accelerators sets the process count (CPU
+    # "accelerators" are NUMA nodes otherwise). No --bind_cores_to_rank: it needs numactl.
+    ds = [str(launcher), "--num_accelerators", "2", "--master_port", str(_free_port()), "--no_local_rank"]
+    return [*ds, "--log_level", "warning", *me]
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of a session. Ray's workers get process groups of their own, so a
+    killpg would miss them, but they stay in the session the variant was started in."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if int(session) == sid and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """Stop whatever is left of a variant (launcher ranks, Ray daemons and workers): only the
+    processes of the session it was started in, each by its pid."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        deadline = time.monotonic() + grace
+        for pid in _session_pids(proc.pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader so it does not linger as a zombie
+            if not _session_pids(proc.pid):
+                return
+            time.sleep(0.2)
+    proc.wait()
+
+
+def run_variant(variant: str, workdir: Path, cores: int, steps: int, timeout: float) -> Result:
+    procs, threads = layout(variant, cores)
+    res = Result(variant, procs, threads, log=str(workdir / f"{variant}.log"))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)  # c starts (and pays for) its own local Ray
+    start = time.perf_counter()
+    with open(res.log, "w") as log:
+        # A session of its own: everything the variant starts can be found and stopped.
+        proc = subprocess.Popen(
+            _command(variant, workdir, threads),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        try:
+            rc = proc.wait(timeout=timeout)
+            res.wall_s = time.perf_counter() - start
+            if rc != 0:
+                res.error = f"exit code {rc}"
+        except subprocess.TimeoutExpired:
+            res.error = f"timed out after {timeout:.0f}s"
+        finally:
+            _kill_session(proc)
+    out = workdir / f"{variant}.json"
+    if not res.error:
+        if not out.exists():
+            res.error = f"exited 0 but wrote no {out.name}"
+        else:
+            res.step_times = json.loads(out.read_text())["step_times"]
+            if len(res.step_times) != steps:
+                res.error = f"timed {len(res.step_times)} of {steps} steps"
+    return res
+
+
+def summarize(res: Result, tokens_per_step: int, warmup: int, flops_per_token: float, peak: float) -> None:
+    measured = res.step_times[warmup:]
+    if res.error or not measured:
+        return
+    res.tokens_per_s = tokens_per_step / statistics.median(measured)
+    res.tokens_per_s_mean = tokens_per_step * len(measured) / sum(measured)
+    res.mfu = res.tokens_per_s * flops_per_token / peak
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Hydra overrides for the model (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per variant (default: %(default)s)")
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--global-batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--only", default=",".join(VARIANTS), help="variants to run (default: %(default)s)")
+    p.add_argument("--out", help="write the results as JSON to this file")
+    p.add_argument("--timeout", type=float, default=1200, help="seconds per variant before it is killed")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs, run dirs) even on success")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. zero.overlap_comm=true")
+    p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def compose_config(args: argparse.Namespace, workdir: Path, cores: int):
+    from distlm.config import compose
+
+    s = args.steps
+    cfg, _ = compose([
+        "experiment=pretrain_tiny",
+        f"data.cache_dir={REPO / 'runs' / '.cache'}",
+        *shlex.split(args.model),
+        f"data.seq_len={args.seq_len}",
+        f"trainer.micro_batch_size={args.micro_batch}",
+        f"trainer.global_batch_size={args.global_batch}",
+        f"trainer.max_steps={s}",
+        f"trainer.warmup_steps={max(1, s // 10)}",
+        # distlm evaluates at step 0 and at the end and checkpoints at the end only: outside the
+        # step clock, inside the wall time.
+        f"trainer.eval_every={s}", f"trainer.checkpoint_every={s}", "trainer.eval_batches=1", "trainer.log_every=1",
+        "trainer.max_failures=0",  # a failure fails the variant instead of restarting mid-measurement
+        "tracking=disabled",
+        "cluster.device=cpu", "cluster.backend=gloo", "cluster.precision=fp32",
+        # The strictest layout (2 workers), so validation covers every variant's batch split.
+        "cluster.num_workers=2", f"cluster.cpus_per_worker={max(1, cores // 2)}",
+        f"hydra.run.dir={workdir / 'run'}",
+        *args.overrides,
+    ])  # fmt: skip
+    return cfg
+
+
+def print_report(console, results: list[Result], warmup: int, steps: int) -> dict[str, float | None]:
+    from rich.table import Table
+
+    table = Table(title=f"steady-state training throughput (median step of {warmup + 1}..{steps})")
+    for name in ("variant", "procs x threads", "tokens/s", "MFU", "step", "wall (incl. startup)"):
+        table.add_column(name, justify="left" if name == "variant" else "right")
+    for r in results:
+        ok = not r.error
+        table.add_row(
+            f"{r.variant}  {VARIANTS[r.variant]}", f"{r.procs} x {r.threads}",
+            f"{r.tokens_per_s:,.0f}" if ok else "[red]FAILED", f"{r.mfu:.1%}" if ok else "-",
+            f"{statistics.median(r.step_times[warmup:]) * 1e3:.0f} ms" if ok else "-",
+            "-" if math.isnan(r.wall_s) else f"{r.wall_s:.1f} s",
+        )  # fmt: skip
+    console.print(table)
+    by = {r.variant: r for r in results}
+    ratios: dict[str, float | None] = {}
+    for c in ("c1", "c2"):
+        for base in ("a", "b"):
+            key, missing = f"{c}/{base}", [v for v in (c, base) if v not in by or by[v].error]
+            ratios[key] = None if missing else by[c].tokens_per_s / by[base].tokens_per_s
+            why = ", ".join(f"{v} {'failed' if v in by else 'not run'}" for v in missing)
+            value = f"{ratios[key]:.2f}" if ratios[key] is not None else f"n/a ({why})"
+            console.print(f"  tokens/s {key} = {value}   ({VARIANTS[c]} vs {VARIANTS[base]})")
+    for r in results:
+        if r.error:  # the log tail may hold brackets: print it without markup
+            console.print(f"\n[red]{r.variant} FAILED: {r.error}[/] (log: {r.log})")
+            console.print(_tail(r.log), markup=False, highlight=False)
+    return ratios
+
+
+def main() -> int:
+    args = parse_args()
+    if args.worker:
+        worker_main(args.worker, Path(args.workdir), args.threads)
+        return 0
+    # SIGTERM unwinds like Ctrl-C, so the running variant's process group is still killed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    from rich.console import Console
+
+    console = Console(width=None if sys.stdout.isatty() else 110)
+    only = [v.strip() for v in args.only.split(",") if v.strip()]
+    if not only or any(v not in VARIANTS for v in only):
+        console.print(f"[red]--only={args.only!r}: use a comma-separated subset of {','.join(VARIANTS)}")
+        return 2
+    warmup = warmup_steps(args.steps)
+    if args.steps < warmup + 2:
+        console.print(f"[red]--steps={args.steps}: {warmup} warm-up steps are skipped, use at least {warmup + 2}")
+        return 2
+
+    import torch
+
+    from distlm.config import ConfigError
+    from distlm.data import prepare_data
+    from distlm.models import build_model, count_parameters, flops_per_token
+    from distlm.tracking import measure_matmul_peak
+
+    cores = num_cores()
+    workdir = Path(tempfile.mkdtemp(prefix="distlm-bench-"))
+    try:
+        cfg = compose_config(args, workdir, cores)
+        # Tokenize (or hit the cache) once, before any clock starts; the variants share the result.
+        data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=False)
+        model = build_model(cfg.model, data.vocab_size, cfg.data.seq_len, data.eos_token_id, cfg.trainer.seed)
+    except ConfigError as e:
+        console.print(f"[red]config: {e}")
+        shutil.rmtree(workdir, ignore_errors=True)
+        return 2
+    with open(workdir / "bench.pkl", "wb") as f:
+        pickle.dump({"cfg": cfg, "data": data}, f)
+    fpt, n_params = flops_per_token(model, cfg.data.seq_len), count_parameters(model)
+    del model
+    torch.set_num_threads(cores)
+    # The peak is what the machine can do, so noise (a busy machine) only lowers a sample: keep the
+    # best of several, taken before and between the variants (never while one runs).
+    peaks = [measure_matmul_peak(torch.device("cpu"), torch.float32, seconds=1.0) for _ in range(3)]
+    tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
+    load_before = os.getloadavg()[0]
+    console.print(
+        f"{n_params / 1e6:.2f}M params, {fpt / 1e6:.1f} MFLOP/token, {tokens_per_step} tokens/step, {args.steps} steps "
+        f"({warmup} warm-up skipped), {cores} cores, load {load_before:.1f}"
+    )
+    console.print(f"work dir: {workdir}")
+
+    results: list[Result] = []
+    for v in only:
+        procs, threads = layout(v, cores)
+        console.print(f"[bold]{v}[/] {VARIANTS[v]} ({procs} x {threads}) ...")
+        res = run_variant(v, workdir, cores, args.steps, args.timeout)
+        results.append(res)
+        if res.error:
+            status = f"[red]FAILED: {res.error}[/]"
+        else:
+            status = f"{tokens_per_step / statistics.median(res.step_times[warmup:]):,.0f} tokens/s"
+        console.print(f"    {status}" + ("" if math.isnan(res.wall_s) else f", wall {res.wall_s:.1f} s"))
+        peaks.append(measure_matmul_peak(torch.device("cpu"), torch.float32, seconds=1.0))
+    load_after = os.getloadavg()[0]
+    peak = max(peaks)
+    for res in results:
+        summarize(res, tokens_per_step, warmup, fpt, peak)
+
+    ratios = print_report(console, results, warmup, args.steps)
+    console.print(
+        f"MFU against the best fp32 matmul peak measured, {peak / 1e9:.1f} GFLOP/s with {cores} threads "
+        f"(samples {min(peaks) / 1e9:.1f}..{peak / 1e9:.1f}); 1-min load average {load_before:.1f} -> {load_after:.1f}"
+    )
+    if min(peaks) < 0.7 * peak or load_after > cores + 0.5:
+        console.print(
+            "[yellow]the machine looked busy (peak samples spread or load above the core count): numbers are noisy"
+        )
+    resolved = ["--model", args.model, "--steps", str(args.steps), "--micro-batch", str(args.micro_batch),
+                "--global-batch", str(args.global_batch), "--seq-len", str(args.seq_len), "--only", ",".join(only)]  # fmt: skip
+    command = shlex.join([sys.executable, str(Path(__file__).resolve()), *resolved, *args.overrides])
+    console.print(f"reproduce: {command}", soft_wrap=True, markup=False, highlight=False)
+    if args.out:
+        report: dict[str, Any] = {
+            "command": command, "cores": cores, "torch": torch.__version__, "params": n_params,
+            "flops_per_token": fpt, "peak_flops": peak, "peak_samples": peaks, "tokens_per_step": tokens_per_step, "steps": args.steps,
+            "warmup_steps": warmup, "load_average": [load_before, load_after], "ratios": ratios,
+            "results": [{k: None if isinstance(x, float) and math.isnan(x) else x for k, x in asdict(r).items()} for r in results],
+        }  # fmt: skip
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        console.print(f"results: {args.out}")
+    failed = any(r.error for r in results)
+    if failed or args.keep:
+        console.print(f"work dir kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Fast unit tests: model presets, runtime resolution, ds_config, LR schedule, checkpoint checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distlm.checkpoint import CheckpointError, TrainState, read_train_state, verify, write_train_state
+from distlm.config import ClusterConfig, ConfigError, TrainerConfig, ZeroConfig, compose
+from distlm.engine import Runtime, build_ds_config, lr_lambda, resolve_runtime
+from distlm.models import build_model, flops_per_token
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "llama", "qwen2", "gpt2"])
+def test_model_presets_build_and_run(preset, tmp_path):
+    cfg, _ = compose([f"model={preset}", f"hydra.run.dir={tmp_path}"])
+    model = build_model(cfg.model, vocab_size=512, seq_len=32, eos_token_id=0, seed=0)
+    assert model.config.model_type == cfg.model.arch
+    assert model.config.hidden_size == cfg.model.hidden_size
+    assert model.config.num_hidden_layers == cfg.model.num_layers
+    ids = torch.randint(0, 512, (2, 32))
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.shape == (2, 32, 512)
+    # A fresh model predicts roughly uniformly: loss near ln(vocab).
+    assert abs(out.loss.item() - math.log(512)) < 1.0
+    assert flops_per_token(model, 32) > 6 * 512 * cfg.model.hidden_size
+
+
+def test_random_init_is_identical_for_the_same_seed(tmp_path):
+    cfg, _ = compose(["model=tiny", f"hydra.run.dir={tmp_path}"])
+    a = build_model(cfg.model, 256 + 8, 16, 0, seed=3)
+    b = build_model(cfg.model, 256 + 8, 16, 0, seed=3)
+    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), na
+
+
+def test_unknown_arch_is_a_config_error(tmp_path):
+    cfg, _ = compose(["model=tiny", "model.arch=not_a_model", f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="model.arch"):
+        build_model(cfg.model, 256 + 8, 16, 0, seed=0)
+
+
+def test_runtime_follows_hardware():
+    auto = ClusterConfig()
+    assert resolve_runtime(auto, cuda_available=False) == Runtime("cpu", "gloo", "fp32")
+    assert resolve_runtime(auto, cuda_available=True) == Runtime("cuda", "nccl", "bf16")
+    assert resolve_runtime(ClusterConfig(precision="fp32"), cuda_available=True).precision == "fp32"
+    with pytest.raises(ConfigError, match="cluster.device"):
+        resolve_runtime(ClusterConfig(device="cuda"), cuda_available=False)
+    with pytest.raises(ConfigError, match="cluster.backend"):
+        resolve_runtime(ClusterConfig(backend="nccl"), cuda_available=False)
+
+
+def test_ds_config_per_stage():
+    tr = TrainerConfig(micro_batch_size=2, global_batch_size=16, grad_clip=0.5)
+    cpu, gpu = Runtime("cpu", "gloo", "fp32"), Runtime("cuda", "nccl", "bf16")
+    c = build_ds_config(ZeroConfig(stage=2), tr, cpu, world_size=2)
+    assert c["gradient_accumulation_steps"] == 4 and c["train_batch_size"] == 16
+    assert c["zero_optimization"]["stage"] == 2 and c["gradient_clipping"] == 0.5
+    assert "bf16" not in c
+    c = build_ds_config(ZeroConfig(stage=3, offload_optimizer=True, offload_params=True), tr, gpu, world_size=8)
+    assert c["bf16"] == {"enabled": True}
+    assert c["gradient_accumulation_steps"] == 1
+    assert c["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert c["zero_optimization"]["offload_optimizer"]["pin_memory"] is True
+    c = build_ds_config(ZeroConfig(stage=1, extra={"reduce_scatter": False}), tr, cpu, world_size=1)
+    assert c["zero_optimization"]["reduce_scatter"] is False
+
+
+def test_lr_schedule_warmup_then_cosine():
+    tr = TrainerConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    f = lr_lambda(tr)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.55)
+    assert f(100) == pytest.approx(0.1)
+    values = [f(s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_checkpoint_verification(tmp_path):
+    (tmp_path / "state").mkdir()
+    state = TrainState(step=7, sampler={"position": 7}, tracker_run_id="abc")
+    write_train_state(str(tmp_path), state, rank=0, world_size=2, zero_stage=2)
+    with pytest.raises(CheckpointError, match="train_state_rank1.pt"):
+        verify(str(tmp_path))
+    write_train_state(str(tmp_path), state, rank=1, world_size=2, zero_stage=2)
+    assert verify(str(tmp_path))["step"] == 7
+    assert read_train_state(str(tmp_path), rank=1, world_size=2) == state
+    with pytest.raises(CheckpointError, match="cluster.num_workers=2"):
+        read_train_state(str(tmp_path), rank=0, world_size=4)
+    with pytest.raises(CheckpointError, match="manifest"):
+        verify(str(tmp_path / "state"))
