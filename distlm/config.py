@@ -8,6 +8,7 @@ composed DictConfig into these dataclasses once; workers only ever see dataclass
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,50 @@ class TrainerConfig:
 
 
 @dataclass
+class TaskConfig:
+    """One fine-tuning task: a built-in generator or a JSONL file."""
+
+    # addition | reversal | sorting | kv_lookup (built-in, answers checkable exactly)
+    generator: Optional[str] = None
+    # A JSONL file of {"prompt", "completion"} or {"messages": [...]} lines.
+    path: Optional[str] = None
+    # Optional separate held-out file; otherwise num_eval examples are held out of `path`.
+    eval_path: Optional[str] = None
+    num_train: int = 2000
+    num_eval: int = 64
+    # raise: stop at the first malformed line (file, line, field) | skip: skip and count them
+    on_error: str = "raise"
+    max_new_tokens: int = 16
+
+
+@dataclass
+class TasksConfig:
+    """The `task` group: which tasks to fine-tune on and how to mix them. No tasks = pretraining."""
+
+    name: str = "none"
+    tasks: Dict[str, TaskConfig] = field(default_factory=dict)
+    # proportional (to size) | temperature (size^(1/T)) | weights (explicit) | round_robin
+    mixture: str = "proportional"
+    temperature: float = 2.0
+    weights: Dict[str, float] = field(default_factory=dict)
+    # Held-out examples per task scored by greedy generation at each evaluation.
+    eval_examples: int = 64
+
+
+@dataclass
+class AdapterConfig:
+    # none (full fine-tuning) | lora (one adapter shared by all tasks) | per_task_lora
+    name: str = "none"
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    # Module names to adapt; "all-linear" = every linear layer but the output head (peft).
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    # Also export merged weights (base + adapter) per adapter.
+    export_merged: bool = False
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -133,6 +178,8 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    task: TasksConfig = field(default_factory=TasksConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     run_name: str = "run"
     output_root: str = "runs"
     # Set by the CLI to Hydra's output directory (hydra.run.dir).
@@ -229,10 +276,43 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"{key}={p} is not a directory: give a local Hugging Face directory (save_pretrained layout)"
             )
+    _validate_tasks(cfg.task, cfg.adapter, cfg.trainer)
     if t.backend == "wandb" and t.mode == "online" and not os.environ.get("WANDB_API_KEY"):
         raise ConfigError(
             "tracking.mode=online needs WANDB_API_KEY in the environment: export it, or use tracking=wandb_offline"
         )
+
+
+def _validate_tasks(tasks: TasksConfig, adapter: AdapterConfig, trainer: TrainerConfig) -> None:
+    _choice("task.mixture", tasks.mixture, ["proportional", "temperature", "weights", "round_robin"])
+    _choice("adapter.name", adapter.name, ["none", "lora", "per_task_lora"])
+    if adapter.name == "per_task_lora" and not tasks.tasks:
+        raise ConfigError("adapter=per_task_lora needs tasks: pick a task set, e.g. task=suite")
+    if adapter.name != "none":
+        if adapter.rank < 1:
+            raise ConfigError(f"adapter.rank={adapter.rank} must be a positive integer")
+        if not adapter.target_modules:
+            raise ConfigError("adapter.target_modules is empty: name the modules to adapt (e.g. [c_attn,c_fc]) or use [all-linear]")
+    for name, task in tasks.tasks.items():
+        key = f"task.tasks.{name}"
+        if task.generator is None and task.path is None:
+            raise ConfigError(f"{key}.path is not set: give the task's JSONL file ({key}.path=/path/to/train.jsonl)")
+        if task.generator is not None and task.path is not None:
+            raise ConfigError(f"{key}: set exactly one of generator (addition|reversal|sorting|kv_lookup) or path (a JSONL file)")
+        _choice(f"{key}.on_error", task.on_error, ["raise", "skip"])
+        for path_key, path in (("path", task.path), ("eval_path", task.eval_path)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{key}.{path_key}: {path} does not exist: fix the path")
+        if task.num_train < 1 or task.num_eval < 1:
+            raise ConfigError(f"{key}: num_train and num_eval must be positive")
+    if tasks.mixture == "temperature" and tasks.temperature <= 0:
+        raise ConfigError(f"task.temperature={tasks.temperature} must be positive")
+    if tasks.mixture == "weights":
+        unknown = set(tasks.weights) - set(tasks.tasks)
+        if unknown:
+            raise ConfigError(f"task.weights names unknown tasks {sorted(unknown)}: use names from task.tasks ({', '.join(tasks.tasks)})")
+        if not tasks.weights or sum(tasks.weights.values()) <= 0 or min(tasks.weights.values()) < 0:
+            raise ConfigError("task.mixture=weights needs task.weights={name: weight} with non-negative weights summing above 0")
 
 
 def conf_dir() -> Path:
@@ -267,6 +347,9 @@ def compose(overrides: List[str]) -> tuple[Config, Any]:
             del full["hydra"]
             OmegaConf.set_struct(full, True)
             full.run_dir = run_dir
+            missing = sorted(OmegaConf.missing_keys(full))
+            if missing:
+                raise ConfigError(f"{missing[0]} must be set (it is ??? in its config file): add {missing[0]}=<value>")
             # `+key=value` bypasses struct mode; merging onto the schema catches it.
             OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(full))
             cfg = OmegaConf.to_object(full)
@@ -275,6 +358,27 @@ def compose(overrides: List[str]) -> tuple[Config, Any]:
     _absolute_paths(cfg)
     validate(cfg)
     return cfg, full
+
+
+def _resolve_init_from(init_from: Optional[str], output_root: str) -> Optional[str]:
+    """`latest`: the newest pretraining export under output_root; a run dir: its export/."""
+    if init_from is None:
+        return None
+    if init_from == "latest":
+        exports = [
+            p.parent
+            for p in Path(output_root).glob("*/export/distlm_export.json")
+            if not json.loads(p.read_text()).get("adapters")
+        ]
+        if not exports:
+            raise ConfigError(
+                f"init_from=latest found no pretraining export under {output_root}/: run `distlm train` first, "
+                "or set init_from=<run dir or Hugging Face model dir>"
+            )
+        return str(max(exports, key=lambda p: p.stat().st_mtime))
+    if (Path(init_from) / "export" / "config.json").exists():
+        return str(Path(init_from) / "export")
+    return init_from
 
 
 def _absolute_paths(cfg: Config) -> None:
@@ -288,8 +392,15 @@ def _absolute_paths(cfg: Config) -> None:
     cfg.data.paths = [absolute(p) for p in cfg.data.paths]
     cfg.data.tokenizer = absolute(cfg.data.tokenizer)
     cfg.model.pretrained = absolute(cfg.model.pretrained)
-    cfg.init_from = absolute(cfg.init_from)
+    cfg.init_from = absolute(_resolve_init_from(cfg.init_from, cfg.output_root))
+    for task in cfg.task.tasks.values():
+        task.path = absolute(task.path)
+        task.eval_path = absolute(task.eval_path)
     cfg.cluster.storage_path = absolute(cfg.cluster.storage_path)
+
+
+# Dict-valued fields: new keys are added with Hydra's `+key=value`.
+_OPEN_DICTS = {"weights", "tasks", "extra"}
 
 
 def _explain(e: Exception) -> str:
@@ -304,6 +415,8 @@ def _explain(e: Exception) -> str:
     if m or "not in struct" in text:
         key = full_key or (m and (m.group(1) or m.group(3))) or "?"
         parent = key.rsplit(".", 1)[0] if "." in key else ""
+        if parent.split(".")[-1] in _OPEN_DICTS or ".".join(parent.split(".")[:2]) == "task.tasks":
+            return f"'{key}' is a new entry of the dict '{parent}': add it with +{key}=<value>"
         where = f" (see the schema of '{parent}' in distlm/config.py)" if parent else ""
         return f"unknown config key '{key}': check the spelling{where}, or run `distlm train --cfg` to list the keys"
     if "could not be converted" in text or "Value '" in text and "is not a valid" in text:

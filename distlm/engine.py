@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -116,23 +116,53 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class IdleSkippingAdamW(torch.optim.AdamW):
+    """AdamW that leaves a group marked `skip_when_idle` untouched (weights, moments, step
+    count, weight decay) when all its gradients are zero: a per-task adapter changes only
+    on its own task's steps. DeepSpeed keeps one flat partition per group, so whole groups
+    are skipped exactly."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        hidden = []
+        for group in self.param_groups:
+            if group.get("skip_when_idle") and all(p.grad is None or not p.grad.any() for p in group["params"]):
+                hidden.append((group, [p.grad for p in group["params"]]))
+                for p in group["params"]:
+                    p.grad = None  # AdamW skips parameters without a gradient
+        try:
+            return super().step(closure)
+        finally:
+            for group, grads in hidden:
+                for p, g in zip(group["params"], grads):
+                    p.grad = g
+
+
 class Engine:
     """Facade over a DeepSpeed engine: forward, backward, step, save, load."""
 
     def __init__(
-        self, model: torch.nn.Module, zero: ZeroConfig, trainer: TrainerConfig, runtime: Runtime, world_size: int
+        self,
+        model: torch.nn.Module,
+        zero: ZeroConfig,
+        trainer: TrainerConfig,
+        runtime: Runtime,
+        world_size: int,
+        groups: Optional[List[Dict[str, Any]]] = None,
     ):
         self.runtime = runtime
         self.zero_stage = zero.stage
         self.ds_config = build_ds_config(zero, trainer, runtime, world_size)
-        groups = param_groups(model, trainer.weight_decay)
+        groups = groups if groups is not None else param_groups(model, trainer.weight_decay)
         betas = (trainer.beta1, trainer.beta2)
         if zero.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+            if any(g.get("skip_when_idle") for g in groups):
+                raise ConfigError("adapter=per_task_lora cannot use zero.offload_optimizer: use zero=zero2 or zero=zero3")
             optimizer = DeepSpeedCPUAdam(groups, lr=trainer.lr, betas=betas, adamw_mode=True)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=trainer.lr, betas=betas, foreach=False)
+            optimizer = IdleSkippingAdamW(groups, lr=trainer.lr, betas=betas, foreach=False)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(trainer))
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,

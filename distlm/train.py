@@ -1,5 +1,8 @@
 """The training loop run by every Ray Train worker. Read it top to bottom:
-build -> restore -> (step, backward, optimizer step, log, eval, checkpoint)* -> probe -> done.
+build -> restore -> (batch, forward, backward, optimizer step, log, eval, checkpoint)* -> done.
+
+Pretraining and multi-task fine-tuning share it; they differ only in the batch source
+(token blocks or task examples), the adapters and the evaluation.
 """
 
 from __future__ import annotations
@@ -11,23 +14,25 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import ray.train
 import torch
 import torch.distributed as dist
 
+from distlm import adapters
 from distlm.checkpoint import TrainState, read_train_state, write_train_state
 from distlm.config import Config
-from distlm.data import PreparedData, ResumableSampler, TokenBlocks
+from distlm.data.batches import PretrainBatches, TaskBatches, encode_example
+from distlm.data.tasks import load_task
 from distlm.engine import Engine, resolve_runtime
+from distlm.evaluate import evaluate_tasks, validation_loss
 from distlm.models import build_model, flops_per_token
 from distlm.tracking import make_tracker, measure_matmul_peak
 
 
 def train_worker(config: Dict[str, Any]) -> None:
     cfg: Config = config["cfg"]
-    data: PreparedData = config["data"]
     tr, seq_len = cfg.trainer, cfg.data.seq_len
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -35,12 +40,39 @@ def train_worker(config: Dict[str, Any]) -> None:
     torch.set_num_threads(tr.threads or cfg.cluster.cpus_per_worker)
     runtime = resolve_runtime(cfg.cluster)
 
-    model = build_model(cfg.model, data.vocab_size, seq_len, data.eos_token_id, tr.seed, cfg.init_from)
+    # The batch source: task examples (fine-tuning) or token blocks (pretraining).
+    tasks, tokenizer = {}, None
+    if cfg.task.tasks:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config["tokenizer_dir"])
+        template = tokenizer.apply_chat_template if tokenizer.chat_template else None
+        tasks = {name: load_task(name, t, tr.seed, template) for name, t in cfg.task.tasks.items()}
+        batches = TaskBatches(tasks, tokenizer, cfg.task, tr, seq_len, rank, world)
+        vocab_size, eos_id = len(tokenizer), tokenizer.eos_token_id
+    else:
+        data = config["data"]
+        batches = PretrainBatches(data, seq_len, tr, rank, world)
+        vocab_size, eos_id = data.vocab_size, data.eos_token_id
+
+    model = build_model(cfg.model, vocab_size, seq_len, eos_id, tr.seed, cfg.init_from)
     model_flops_per_token = flops_per_token(model, seq_len)
-    engine = Engine(model, cfg.zero, tr, runtime, world)
-    train_set = TokenBlocks(data.train_path, data.dtype, seq_len)
-    val_set = TokenBlocks(data.val_path, data.dtype, seq_len)
-    sampler = ResumableSampler(len(train_set), tr.global_batch_size, tr.micro_batch_size, rank, world, tr.seed)
+    model = adapters.apply_adapters(model, cfg.adapter, list(tasks))
+    groups = adapters.param_groups(model, cfg.adapter, list(tasks), tr.weight_decay)
+    engine = Engine(model, cfg.zero, tr, runtime, world, groups)
+
+    def activate(task: Optional[str]) -> None:
+        adapters.activate(engine.module, cfg.adapter, task)
+
+    def evaluate() -> Dict[str, float]:
+        if tasks:
+            return evaluate_tasks(
+                engine.module, tokenizer, tasks, cfg.task, engine.device, rank, world, engine.zero_stage == 3, activate
+            )
+        engine.eval()
+        loss = validation_loss(engine, batches.val, tr.micro_batch_size, tr.eval_batches, rank, world, engine.device)
+        engine.train()
+        return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
 
     # Ray Train hands back the newest complete checkpoint after a worker restart or a
     # resumed run; everything needed to continue exactly is in it.
@@ -50,75 +82,67 @@ def train_worker(config: Dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             engine.load(directory)
             state = read_train_state(directory, rank, world)
-        sampler.load_state_dict(state.sampler)
+        batches.load_state_dict(state.sampler)
 
     tracker = make_tracker(cfg.tracking, rank, cfg.run_dir, state.tracker_run_id, _flat_config(cfg), config.get("sink"))
     state.tracker_run_id = tracker.run_id
     peak_flops = measure_matmul_peak(engine.device, runtime.dtype)
-    tokens_per_step = tr.global_batch_size * seq_len
 
-    if state.step == 0:  # the starting point of the validation curve
-        val_loss = evaluate(engine, val_set, tr.micro_batch_size, tr.eval_batches, rank, world)
-        tracker.log({"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50.0))}, 0)
+    if state.step == 0:  # the starting point of the curves (and the "before" of fine-tuning)
+        tracker.log(evaluate(), 0)
     engine.train()
     while state.step < tr.max_steps:
         start = time.perf_counter()
         lr = engine.lr()
+        step = batches.next(state.step)
+        activate(step.task)
         loss_sum = torch.zeros((), device=engine.device)
-        for micro_batch in sampler.next_batch():
-            input_ids = torch.stack([train_set[i] for i in micro_batch]).to(engine.device)
-            loss = engine(input_ids=input_ids, labels=input_ids).loss
+        tokens = 0
+        for micro_batch in step.micro_batches:
+            loss = engine(**{k: v.to(engine.device) for k, v in micro_batch.items()}).loss
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()
+            mask = micro_batch.get("attention_mask")
+            tokens += int(mask.sum()) if mask is not None else micro_batch["input_ids"].numel()
         state.step += 1
-        state.tokens_seen += tokens_per_step
-        train_loss = _mean_over_ranks(loss_sum / engine.accum_steps, world)
+        train_loss, step_tokens = _sum_over_ranks([loss_sum / engine.accum_steps, tokens], world)
+        train_loss /= world
+        state.tokens_seen += int(step_tokens)
         elapsed = time.perf_counter() - start
         metrics = {
             "train/loss": train_loss,
             "train/lr": lr,
             "train/grad_norm": engine.grad_norm(),
-            "train/tokens_per_s": tokens_per_step / elapsed,
-            "train/mfu": tokens_per_step / world * model_flops_per_token / elapsed / peak_flops,
+            "train/tokens_per_s": step_tokens / elapsed,
+            "train/mfu": step_tokens / world * model_flops_per_token / elapsed / peak_flops,
             "train/tokens_seen": state.tokens_seen,
             "train/step_time_s": elapsed,
         }
+        if step.task is not None:
+            metrics[f"train/{step.task}/loss"] = train_loss
+            metrics |= {f"mix/{name}": share for name, share in batches.shares().items()}
         last = state.step == tr.max_steps
         if state.step % tr.eval_every == 0 or last:
-            val_loss = evaluate(engine, val_set, tr.micro_batch_size, tr.eval_batches, rank, world)
-            metrics |= {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50.0))}
-            engine.train()
+            metrics |= evaluate()
         if state.step % tr.log_every == 0 or "val/loss" in metrics:
             tracker.log(metrics, state.step)
         if state.step % tr.checkpoint_every == 0 or last:
-            probe = _probe(engine, val_set) if last else None
-            state.sampler = sampler.state_dict()
-            save_checkpoint(engine, model, state, rank, world, metrics, probe)
+            probe = _probe(engine, batches, tasks, tokenizer, cfg) if last else None
+            state.sampler = batches.state_dict()
+            save_checkpoint(engine, state, rank, world, metrics, cfg, list(tasks), probe)
     tracker.finish()
 
 
-def evaluate(engine: Engine, val_set: TokenBlocks, micro: int, batches: int, rank: int, world: int) -> float:
-    """Mean loss over the first `batches * micro * world` validation blocks, split across ranks.
-
-    Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
-    """
-    engine.eval()
-    total = min(len(val_set), batches * micro * world) // world * world
-    indices = list(range(rank, total, world))
-    loss_sum = torch.zeros((), device=engine.device, dtype=torch.float64)
-    with torch.no_grad():
-        for i in range(0, len(indices), micro):
-            ids = torch.stack([val_set[j] for j in indices[i : i + micro]]).to(engine.device)
-            loss_sum += engine(input_ids=ids, labels=ids).loss.double() * len(ids)
-    stats = torch.stack([loss_sum, torch.tensor(float(len(indices)), device=engine.device, dtype=torch.float64)])
-    if world > 1:
-        dist.all_reduce(stats)
-    return float(stats[0] / stats[1])
-
-
 def save_checkpoint(
-    engine: Engine, model, state: TrainState, rank: int, world: int, metrics: Dict[str, float], probe=None
+    engine: Engine,
+    state: TrainState,
+    rank: int,
+    world: int,
+    metrics: Dict[str, float],
+    cfg: Config,
+    task_names: List[str],
+    probe=None,
 ) -> None:
     """Each rank writes its shards to a local temp dir; Ray Train merges them into the run's
     storage and registers the checkpoint only once every rank has reported."""
@@ -127,7 +151,10 @@ def save_checkpoint(
         engine.save(directory)
         write_train_state(directory, state, rank, world, engine.zero_stage)
         if rank == 0:
-            model.config.save_pretrained(directory)  # lets `distlm export` rebuild the model offline
+            # What `distlm export` needs to rebuild the model (and its adapters) offline.
+            _base_model(engine.module).config.save_pretrained(directory)
+            if adapters.adapter_names(cfg.adapter, task_names):
+                adapters.save_adapter_configs(engine.module, directory)
             if probe is not None:
                 torch.save(probe, Path(directory) / "probe.pt")
         ray.train.report(
@@ -139,20 +166,40 @@ def save_checkpoint(
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _probe(engine: Engine, val_set: TokenBlocks) -> Dict[str, torch.Tensor]:
-    """Logits of the trained model on a fixed batch: the export is checked against them."""
-    engine.eval()
-    ids = torch.stack([val_set[i] for i in range(min(2, len(val_set)))])
+def _probe(engine: Engine, batches, tasks, tokenizer, cfg: Config) -> Dict[str, Any]:
+    """Logits of the trained model (and of each adapter) on a fixed input: the export is
+    checked against them."""
+    if tasks:
+        prompt, target = next(iter(tasks.values())).eval[0]
+        ids = torch.tensor([encode_example(tokenizer, prompt, target)[0]])
+    else:
+        ids = torch.stack([batches.val[i] for i in range(min(2, len(batches.val)))])
+    module = engine.module
+    module.eval()
+    names = adapters.adapter_names(cfg.adapter, list(tasks))
+    probe: Dict[str, Any] = {"input_ids": ids}
     with torch.no_grad():
-        logits = engine(input_ids=ids.to(engine.device)).logits.float().cpu()
-    return {"input_ids": ids, "logits": logits}
+        if names:
+            with module.disable_adapter():
+                probe["logits"] = module(input_ids=ids.to(engine.device)).logits.float().cpu()
+            probe["adapters"] = {}
+            for name in names:
+                module.set_adapter(name)
+                probe["adapters"][name] = module(input_ids=ids.to(engine.device)).logits.float().cpu()
+        else:
+            probe["logits"] = engine(input_ids=ids.to(engine.device)).logits.float().cpu()
+    return probe
 
 
-def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+def _base_model(module: torch.nn.Module) -> torch.nn.Module:
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
+def _sum_over_ranks(values: List, world: int) -> List[float]:
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values])
     if world > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-    return float(value) / world
+        dist.all_reduce(t)
+    return t.tolist()
 
 
 def _flat_config(cfg: Config) -> Dict[str, Any]:

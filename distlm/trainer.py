@@ -29,19 +29,11 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    from distlm.data import prepare_data
-
     console.log(f"run dir: {run_dir}")
-    data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True)
-    console.log(f"data: {data.num_train_tokens:,} train / {data.num_val_tokens:,} val tokens, vocab {data.vocab_size}")
-    # Fail here, not in every worker, if transformers cannot build the model.
-    from distlm.models import build_config
-
-    if cfg.model.pretrained is None and cfg.init_from is None:
-        build_config(cfg.model, data.vocab_size, cfg.data.seq_len, data.eos_token_id)
+    data, source_tokenizer = _prepare_inputs(cfg, console)
     tokenizer_dir = run_dir / "tokenizer"
     if not tokenizer_dir.exists():
-        shutil.copytree(data.tokenizer_dir, tokenizer_dir)
+        shutil.copytree(source_tokenizer, tokenizer_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "config.json"))
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -62,7 +54,7 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
         resources["GPU"] = cfg.cluster.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg, "data": data, "sink": sink},
+        train_loop_config={"cfg": cfg, "data": data, "tokenizer_dir": str(tokenizer_dir), "sink": sink},
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.num_workers,
             use_gpu=runtime.device == "cuda",
@@ -87,7 +79,7 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
 
     from distlm.export import export_checkpoint
 
-    info = export_checkpoint(checkpoint, str(run_dir / "export"), str(tokenizer_dir))
+    info = export_checkpoint(checkpoint, str(run_dir / "export"), str(tokenizer_dir), merged=cfg.adapter.export_merged)
     console.log(
         f"export: {run_dir / 'export'} (max |logit diff| vs trained model {info.get('probe_max_abs_diff', float('nan')):.1e})"
     )
@@ -98,8 +90,38 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
         "export": str(run_dir / "export"),
         **_last_losses(metrics_path),
     }
+    if cfg.task.tasks:
+        summary["tasks"] = task_table(str(metrics_path), list(cfg.task.tasks))
+        (run_dir / "best.json").write_text(json.dumps(best_steps(str(metrics_path), list(cfg.task.tasks)), indent=2))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _prepare_inputs(cfg: Config, console):
+    """(PreparedData or None, tokenizer dir). Pretraining tokenizes the corpus (cached);
+    fine-tuning takes the pretrained model's tokenizer and generates/reads tasks in the workers."""
+    from distlm.models import build_config
+
+    if cfg.task.tasks:
+        source = cfg.init_from or cfg.model.pretrained
+        if source is None:
+            raise ConfigError(
+                "fine-tuning on tasks needs a pretrained model: set init_from=runs/<pretraining run>/export "
+                "(or model.pretrained=<HF model dir>)"
+            )
+        from distlm.data.tokenizer import load_tokenizer
+
+        load_tokenizer(source)  # a clear error now rather than in every worker
+        console.log(f"fine-tuning {source} on tasks {', '.join(cfg.task.tasks)} with adapter={cfg.adapter.name}")
+        return None, source
+    from distlm.data import prepare_data
+
+    data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True)
+    console.log(f"data: {data.num_train_tokens:,} train / {data.num_val_tokens:,} val tokens, vocab {data.vocab_size}")
+    # Fail here, not in every worker, if transformers cannot build the model.
+    if cfg.model.pretrained is None and cfg.init_from is None:
+        build_config(cfg.model, data.vocab_size, cfg.data.seq_len, data.eos_token_id)
+    return data, data.tokenizer_dir
 
 
 def _init_ray(cfg: Config) -> None:
@@ -180,6 +202,44 @@ class _Progress:
                 train = f"train loss {r['train/loss']:.3f}, " if "train/loss" in r else ""
                 self.console.log(f"step {r['step']}: {train}val loss {r['val/loss']:.3f}")
         self.bar.update(self.task, completed=records[-1]["step"], **fields)
+
+
+def task_table(metrics_path: str, tasks: List[str]) -> Dict[str, Dict[str, float]]:
+    """Per task: exact match and loss before fine-tuning (step 0) and after (last evaluation)."""
+    from distlm.tracking import read_metrics
+
+    evals = [r for r in read_metrics(metrics_path) if "eval/mean_exact_match" in r]
+    if not evals:
+        return {}
+    first, last = evals[0], evals[-1]
+    table = {
+        t: {
+            "exact_match_before": first[f"eval/{t}/exact_match"],
+            "exact_match_after": last[f"eval/{t}/exact_match"],
+            "loss_before": first[f"eval/{t}/loss"],
+            "loss_after": last[f"eval/{t}/loss"],
+        }
+        for t in tasks
+    }
+    table["mean"] = {
+        "exact_match_before": first["eval/mean_exact_match"],
+        "exact_match_after": last["eval/mean_exact_match"],
+        "loss_before": sum(table[t]["loss_before"] for t in tasks) / len(tasks),
+        "loss_after": sum(table[t]["loss_after"] for t in tasks) / len(tasks),
+    }
+    return table
+
+
+def best_steps(metrics_path: str, tasks: List[str]) -> Dict[str, Dict[str, float]]:
+    """The step with the best exact match per task and overall (ties: the earliest)."""
+    from distlm.tracking import read_metrics
+
+    evals = [r for r in read_metrics(metrics_path) if "eval/mean_exact_match" in r]
+    best = {}
+    for key, name in [(f"eval/{t}/exact_match", t) for t in tasks] + [("eval/mean_exact_match", "overall")]:
+        top = max(evals, key=lambda r: (r[key], -r["step"]))
+        best[name] = {"step": top["step"], "exact_match": top[key]}
+    return best
 
 
 def _last_losses(metrics_path: Path) -> Dict[str, Optional[float]]:

@@ -1,0 +1,134 @@
+"""What each optimizer step consumes, rank-sharded and resumable.
+
+`PretrainBatches` cuts the token files into fixed-length blocks. `TaskBatches` draws one
+task per step from the mixture, then that task's examples: prompt tokens are masked
+out of the loss, and each global batch is sorted by length before it is dealt out to
+ranks and micro steps, so micro batches hold similar lengths and little padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from distlm.config import TasksConfig, TrainerConfig
+from distlm.data.corpus import DataError
+from distlm.data.mixture import TaskMixture
+from distlm.data.sampler import ResumableSampler
+from distlm.data.tasks import TaskData
+from distlm.data.tokens import PreparedData, TokenBlocks
+
+IGNORE = -100  # label value the loss skips
+
+
+@dataclass
+class Step:
+    task: Optional[str]
+    micro_batches: List[Dict[str, torch.Tensor]]
+
+
+class PretrainBatches:
+    def __init__(self, data: PreparedData, seq_len: int, tr: TrainerConfig, rank: int, world: int):
+        self.train = TokenBlocks(data.train_path, data.dtype, seq_len)
+        self.val = TokenBlocks(data.val_path, data.dtype, seq_len)
+        self.sampler = ResumableSampler(len(self.train), tr.global_batch_size, tr.micro_batch_size, rank, world, tr.seed)
+
+    def next(self, step: int) -> Step:
+        micro = []
+        for indices in self.sampler.next_batch():
+            ids = torch.stack([self.train[i] for i in indices])
+            micro.append({"input_ids": ids, "labels": ids})
+        return Step(None, micro)
+
+    def state_dict(self) -> Dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+def encode_example(tokenizer, prompt: str, target: str) -> Tuple[List[int], List[int]]:
+    """(input ids, labels): the target and a closing EOS are learned, the prompt is not."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    target_ids = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return prompt_ids + target_ids, [IGNORE] * len(prompt_ids) + target_ids
+
+
+def collate(examples: List[Tuple[List[int], List[int]]], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked from attention and loss."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (x, y) in enumerate(examples):
+        ids[row, : len(x)] = torch.tensor(x)
+        labels[row, : len(y)] = torch.tensor(y)
+        mask[row, : len(x)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class TaskBatches:
+    def __init__(
+        self,
+        tasks: Dict[str, TaskData],
+        tokenizer,
+        cfg: TasksConfig,
+        tr: TrainerConfig,
+        seq_len: int,
+        rank: int,
+        world: int,
+    ):
+        self.rank, self.world, self.micro = rank, world, tr.micro_batch_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.examples: Dict[str, List[Tuple[List[int], List[int]]]] = {}
+        self.too_long: Dict[str, int] = {}
+        for name, task in tasks.items():
+            encoded = [encode_example(tokenizer, p, t) for p, t in task.train]
+            kept = [e for e in encoded if len(e[0]) <= seq_len]
+            self.too_long[name] = len(encoded) - len(kept)
+            if len(kept) < tr.global_batch_size:
+                raise DataError(
+                    f"task {name!r} has {len(kept)} training examples within data.seq_len={seq_len} "
+                    f"({self.too_long[name]} longer ones dropped), fewer than trainer.global_batch_size={tr.global_batch_size}: "
+                    "add examples, raise data.seq_len or lower the batch size"
+                )
+            self.examples[name] = kept
+        self.mixture = TaskMixture(cfg, {n: len(e) for n, e in self.examples.items()}, tr.seed)
+        # Each task's sampler walks the whole global batch; ranks take their share below.
+        self.samplers = {
+            name: ResumableSampler(len(ex), tr.global_batch_size, tr.global_batch_size, 0, 1, tr.seed + i)
+            for i, (name, ex) in enumerate(self.examples.items())
+        }
+        self.steps_per_task = {name: 0 for name in self.examples}
+
+    def next(self, step: int) -> Step:
+        task = self.mixture.task_for_step(step)
+        (indices,) = self.samplers[task].next_batch()
+        examples = sorted((self.examples[task][i] for i in indices), key=lambda e: len(e[0]))
+        per_micro_step = self.micro * self.world
+        micro = []
+        for start in range(0, len(examples), per_micro_step):
+            mine = examples[start + self.rank * self.micro : start + (self.rank + 1) * self.micro]
+            micro.append(collate(mine, self.pad_id))
+        self.steps_per_task[task] += 1
+        return Step(task, micro)
+
+    def shares(self) -> Dict[str, float]:
+        """Realised share of steps per task so far (logged as mix/<task>)."""
+        total = max(1, sum(self.steps_per_task.values()))
+        return {name: count / total for name, count in self.steps_per_task.items()}
+
+    def state_dict(self) -> Dict:
+        return {"samplers": {n: s.state_dict() for n, s in self.samplers.items()}, "steps_per_task": dict(self.steps_per_task)}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if set(state["samplers"]) != set(self.samplers):
+            raise DataError(
+                f"checkpoint was trained on tasks {sorted(state['samplers'])}, this run has {sorted(self.samplers)}: "
+                "resume with the same task set"
+            )
+        for name, s in state["samplers"].items():
+            self.samplers[name].load_state_dict(s)
+        self.steps_per_task = dict(state["steps_per_task"])
