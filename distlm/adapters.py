@@ -46,23 +46,22 @@ def apply_adapters(model: torch.nn.Module, cfg: AdapterConfig, tasks: List[str])
     peft_model = get_peft_model(model, lora_config(cfg), adapter_name=names[0])
     for name in names[1:]:
         peft_model.add_adapter(name, lora_config(cfg))
-    _select(peft_model, names[0])
+    # Every adapter trainable while DeepSpeed builds its optimizer groups over them.
+    for param_name, param in peft_model.named_parameters():
+        if "lora_" in param_name:
+            param.requires_grad_(True)
     return peft_model
 
 
 def activate(model: torch.nn.Module, cfg: AdapterConfig, task: Optional[str]) -> None:
-    """Route the next forward passes through `task`'s adapter (per-task LoRA only)."""
+    """Route the next forward passes through `task`'s adapter (per-task LoRA only).
+
+    peft's set_adapter also freezes the other adapters for the step: ZeRO then hands the
+    optimizer zero gradients for them (a trainable parameter that merely sat out the
+    forward pass would keep ZeRO-3's stale gradient buffer), and their group is skipped.
+    """
     if cfg.name == "per_task_lora" and task is not None:
-        _select(model, task)
-
-
-def _select(model: torch.nn.Module, name: str) -> None:
-    # peft's set_adapter also freezes the other adapters; DeepSpeed built its optimizer
-    # groups over all of them, so they stay trainable and just get no gradient.
-    model.set_adapter(name)
-    for param_name, param in model.named_parameters():
-        if "lora_" in param_name:
-            param.requires_grad_(True)
+        model.set_adapter(task)
 
 
 def param_groups(model: torch.nn.Module, cfg: AdapterConfig, tasks: List[str], weight_decay: float) -> List[Dict]:

@@ -1,0 +1,266 @@
+"""Fine-tuning tasks, masking, batching, mixtures and the idle-skipping optimizer (fast)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from distlm.config import ConfigError, TasksConfig, TaskConfig, TrainerConfig, compose
+from distlm.data.batches import IGNORE, TaskBatches, collate, encode_example
+from distlm.data.corpus import DataError
+from distlm.data.mixture import TaskMixture, mixture_weights
+from distlm.data.tasks import TaskData, generate, load_task, read_jsonl
+from distlm.data.tokenizer import train_tokenizer
+from distlm.engine import IdleSkippingAdamW
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    docs = [f"add: {a} + {b} = {a + b}\nreverse: a b c = c b a\nlookup: a 1 b 2 ; a = 1" for a in range(30) for b in range(5)]
+    return train_tokenizer(docs, vocab_size=300)
+
+
+def _answer(generator: str, prompt: str) -> str:
+    body = prompt.split(":", 1)[1].rstrip("=").strip()
+    if generator == "addition":
+        a, b = body.split("+")
+        return " ".join(str(int(a.replace(" ", "")) + int(b.replace(" ", ""))))
+    if generator == "reversal":
+        return " ".join(reversed(body.split()))
+    if generator == "sorting":
+        return " ".join(sorted(body.split()))
+    pairs, query = body.split(";")
+    items = pairs.split()
+    return dict(zip(items[::2], items[1::2]))[query.strip()]
+
+
+@pytest.mark.parametrize("generator", ["addition", "reversal", "sorting", "kv_lookup"])
+def test_generated_tasks_are_correct_deterministic_and_disjoint(generator):
+    train, held_out = generate(generator, seed=7, num_train=300, num_eval=50)
+    assert (train, held_out) == generate(generator, seed=7, num_train=300, num_eval=50)
+    assert generate(generator, seed=8, num_train=300, num_eval=50)[0] != train
+    assert len(train) == 300 and len(held_out) == 50
+    assert not {p for p, _ in train} & {p for p, _ in held_out}
+    for prompt, target in train[:50] + held_out:
+        assert target.strip() == _answer(generator, prompt), prompt
+
+
+def _write(tmp_path, name: str, lines) -> str:
+    path = tmp_path / name
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)
+
+
+def test_jsonl_prompt_completion_and_chat(tmp_path):
+    path = _write(
+        tmp_path,
+        "t.jsonl",
+        [
+            {"prompt": "Q: 1+1?", "completion": " 2"},
+            "",
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        ],
+    )
+    examples, skipped = read_jsonl(path, skip_malformed=False)
+    assert skipped == 0
+    assert examples[0] == ("Q: 1+1?", " 2")
+    assert examples[1] == ("user: hi\nassistant:", " hello")
+
+
+BAD_LINES = [
+    ("{not json", "not valid JSON"),
+    ('["a list"]', "expected a JSON object"),
+    ({"prompt": "x"}, "field 'completion' is missing"),
+    ({"prompt": 3, "completion": "y"}, "field 'prompt' must be a string"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "last message must have role 'assistant'"),
+    ({"messages": [{"role": "user"}]}, "messages[0] needs string fields"),
+]
+
+
+@pytest.mark.parametrize("line,problem", BAD_LINES, ids=[p for _, p in BAD_LINES])
+def test_malformed_jsonl_names_file_line_and_field(tmp_path, line, problem):
+    path = _write(tmp_path, "bad.jsonl", [{"prompt": "a", "completion": "b"}, line])
+    with pytest.raises(DataError) as e:
+        read_jsonl(path, skip_malformed=False)
+    assert f"{path} line 2" in str(e.value) and problem in str(e.value)
+    # on_error=skip: the bad line is counted, the good one kept.
+    examples, skipped = read_jsonl(path, skip_malformed=True)
+    assert (len(examples), skipped) == (1, 1)
+
+
+def test_empty_and_missing_task_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="no usable examples"):
+        read_jsonl(str(empty), skip_malformed=False)
+    with pytest.raises(DataError, match="does not exist"):
+        read_jsonl(str(tmp_path / "nope.jsonl"), skip_malformed=False)
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"prompt": "caf\xe9", "completion": "x"}\n')
+    with pytest.raises(DataError, match="line 1: not UTF-8"):
+        read_jsonl(str(bad), skip_malformed=False)
+
+
+def test_jsonl_task_holds_out_examples(tmp_path):
+    path = _write(tmp_path, "t.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(50)])
+    task = load_task("mine", TaskConfig(path=path, num_eval=8), seed=0)
+    assert len(task.eval) == 8 and len(task.train) == 42
+    assert not set(task.eval) & set(task.train)
+
+
+def test_cli_reports_malformed_task_file_before_training(tmp_path):
+    from conftest import run_cli
+
+    path = _write(tmp_path, "bad.jsonl", [{"prompt": "a", "completion": "b"}] * 10 + [{"prompt": "a"}])
+    model_dir = tmp_path / "model"
+    _tiny_pretrained(model_dir)
+    result = run_cli(
+        "train", "task=jsonl", f"task.tasks.mine.path={path}", f"init_from={model_dir}", f"hydra.run.dir={tmp_path / 'run'}"
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"{path} line 11: field 'completion' is missing" in result.stderr
+
+
+def _tiny_pretrained(directory):
+    from transformers import AutoModelForCausalLM
+
+    from distlm.config import ModelConfig
+    from distlm.models import build_config
+
+    tok = train_tokenizer(["add: 1 + 2 = 3", "reverse: a b = b a"] * 20, vocab_size=300)
+    AutoModelForCausalLM.from_config(build_config(ModelConfig(), len(tok), 64, tok.eos_token_id)).save_pretrained(directory)
+    tok.save_pretrained(directory)
+
+
+def test_prompt_tokens_are_masked_from_the_loss(tokenizer):
+    ids, labels = encode_example(tokenizer, "add: 1 2 + 3 =", " 1 5")
+    prompt_len = len(tokenizer("add: 1 2 + 3 =", add_special_tokens=False).input_ids)
+    assert labels[:prompt_len] == [IGNORE] * prompt_len
+    assert labels[prompt_len:] == ids[prompt_len:]
+    assert ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[prompt_len:-1]) == " 1 5"
+    batch = collate([(ids, labels), ([1, 2], [IGNORE, 2])], pad_id=0)
+    assert batch["input_ids"].shape == (2, len(ids))
+    assert batch["attention_mask"][1].tolist() == [1, 1] + [0] * (len(ids) - 2)
+    assert (batch["labels"][1, 2:] == IGNORE).all()
+
+
+def _batches(tokenizer, tasks, cfg: TasksConfig, rank=0, world=1, micro=4, global_batch=8):
+    tr = TrainerConfig(micro_batch_size=micro, global_batch_size=global_batch, seed=3)
+    return TaskBatches(tasks, tokenizer, cfg, tr, seq_len=64, rank=rank, world=world)
+
+
+def _suite(n=200):
+    return {g: TaskData(g, *generate(g, 0, n, 10)) for g in ("addition", "reversal", "sorting")}
+
+
+def test_mixture_weights_per_strategy():
+    sizes = {"a": 900, "b": 100}
+    assert mixture_weights(TasksConfig(mixture="proportional"), sizes) == pytest.approx({"a": 0.9, "b": 0.1})
+    t = mixture_weights(TasksConfig(mixture="temperature", temperature=2.0), sizes)
+    assert t["a"] / t["b"] == pytest.approx(3.0)  # (900/100) ** (1/2)
+    w = mixture_weights(TasksConfig(mixture="weights", weights={"a": 1.0, "b": 3.0}), sizes)
+    assert w == pytest.approx({"a": 0.25, "b": 0.75})
+    assert mixture_weights(TasksConfig(mixture="round_robin"), sizes) == pytest.approx({"a": 0.5, "b": 0.5})
+
+
+@pytest.mark.parametrize("strategy", ["proportional", "temperature", "weights", "round_robin"])
+def test_realised_shares_match_the_strategy(strategy):
+    sizes = {"a": 4000, "b": 1000, "c": 250}
+    cfg = TasksConfig(mixture=strategy, temperature=3.0, weights={"a": 1.0, "b": 1.0, "c": 2.0})
+    mixture = TaskMixture(cfg, sizes, seed=11)
+    steps = 4000
+    counts = Counter(mixture.task_for_step(s) for s in range(steps))
+    expected = mixture_weights(cfg, sizes)
+    for name, p in expected.items():
+        # Binomial standard error of a share over 4000 draws is at most 0.008: allow 4 of them.
+        assert counts[name] / steps == pytest.approx(p, abs=0.032), (name, counts)
+    if strategy == "round_robin":
+        assert [mixture.task_for_step(s) for s in range(6)] == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_task_batches_shard_across_ranks_and_resume(tokenizer):
+    tasks, cfg = _suite(), TasksConfig(mixture="proportional")
+    single = _batches(tokenizer, tasks, cfg)
+    ranks = [_batches(tokenizer, tasks, cfg, rank=r, world=2, micro=2) for r in range(2)]
+    for step in range(12):
+        whole = single.next(step)
+        parts = [b.next(step) for b in ranks]
+        assert whole.task == parts[0].task == parts[1].task
+        rows = lambda batches: sorted(tuple(r[m.bool()].tolist()) for b in batches for r, m in zip(b["input_ids"], b["attention_mask"]))  # noqa: E731
+        assert rows(whole.micro_batches) == rows([mb for p in parts for mb in p.micro_batches])
+
+    # A sampler restored at step 12 continues exactly like the uninterrupted one.
+    resumed = _batches(tokenizer, tasks, cfg)
+    resumed.load_state_dict(json.loads(json.dumps(single.state_dict())))
+    reference = _batches(tokenizer, tasks, cfg)
+    for step in range(12):
+        reference.next(step)
+    for step in range(12, 30):
+        a, b = resumed.next(step), reference.next(step)
+        assert a.task == b.task
+        assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a.micro_batches, b.micro_batches))
+    assert resumed.shares() == reference.shares()
+    with pytest.raises(DataError, match="same task set"):
+        _batches(tokenizer, {"addition": tasks["addition"]}, cfg).load_state_dict(single.state_dict())
+
+
+def test_length_bucketing_reduces_padding(tokenizer):
+    short = [(f"q{i}", " a") for i in range(200)]
+    long = [(f"q{i} " + "x " * 20, " b") for i in range(200)]
+    tasks = {"mixed": TaskData("mixed", short + long, short[:5])}
+    batches = _batches(tokenizer, tasks, TasksConfig(), micro=4, global_batch=16)
+    padded = real = 0
+    for step in range(20):
+        for mb in batches.next(step).micro_batches:
+            padded += mb["attention_mask"].numel()
+            real += int(mb["attention_mask"].sum())
+    # Random micro batches of this half-short, half-long data would be ~40% padding.
+    assert 1 - real / padded < 0.15
+
+
+def test_idle_adapter_groups_are_left_untouched():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = IdleSkippingAdamW(
+        [{"params": [a], "skip_when_idle": True}, {"params": [b], "skip_when_idle": True}], lr=0.1, weight_decay=0.1
+    )
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    opt.step()
+    after_first = b.detach().clone(), {k: v.clone() for k, v in opt.state[b].items()}
+    a.grad, b.grad = torch.ones(3), torch.zeros(3)  # b's task did not run
+    opt.step()
+    assert torch.equal(b, after_first[0])
+    assert all(torch.equal(v, after_first[1][k]) for k, v in opt.state[b].items())
+    assert not torch.equal(a, torch.ones(3)) and int(opt.state[a]["step"]) == 2
+    assert b.grad is not None  # gradients are handed back to their owner (DeepSpeed)
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["adapter=per_task_lora"], "adapter=per_task_lora"),
+        (["task=suite", "adapter=lora", "adapter.target_modules=[]"], "adapter.target_modules"),
+        (["task=suite", "task.mixture=weights"], "task.mixture=weights"),
+        (["task=suite", "task.mixture=weights", "+task.weights.nope=1"], "task.weights"),
+        (["task=jsonl"], "task.tasks.mine.path"),
+        (["task=jsonl", "task.tasks.mine.path=/no/such.jsonl"], "task.tasks.mine.path"),
+        (["task=suite", "task.mixture=sometimes"], "task.mixture"),
+    ],
+)
+def test_task_and_adapter_config_errors(overrides, key, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        compose([*overrides, f"hydra.run.dir={tmp_path}"])
+    assert key in str(e.value)
+
+
+def test_multitask_recipe_composes(tmp_path):
+    model_dir = tmp_path / "pretrained"
+    _tiny_pretrained(model_dir)
+    cfg, _ = compose(["experiment=multitask", f"init_from={model_dir}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert cfg.adapter.name == "per_task_lora"
+    assert set(cfg.task.tasks) == {"addition", "reversal", "sorting", "kv_lookup"}
+    assert math.isclose(sum(mixture_weights(cfg.task, {t: 1 for t in cfg.task.tasks}).values()), 1.0)
