@@ -2,13 +2,13 @@
 
 Same model, data order, global batch and number of steps for every variant:
   a   plain single-process PyTorch loop (torch AdamW, lr_lambda, grad clipping), all cores
-  b   the `deepspeed` launcher: 2 processes, ZeRO-2 over gloo, the cores split between them
+  b   the `deepspeed` launcher: 2 processes, ZeRO (zero=zero2 unless overridden) over gloo, cores split
   c1  distlm.trainer.run: 1 Ray worker with all cores
   c2  distlm.trainer.run: 2 Ray workers, the cores split between them
 
 Each variant runs in a fresh process tree, one after the other, so the wall column (launch
-to exit) holds the start-up each one really costs (imports, Ray, DeepSpeed init; for c also
-distlm's step-0 eval, final checkpoint and export). tokens/s is steady state: the median step
+to exit) holds the start-up each one really costs (imports, config, data-cache lookup, Ray,
+DeepSpeed init; for c also distlm's step-0 eval, final checkpoint and export). tokens/s is steady state: the median step
 time after the warm-up steps. MFU is against the fp32 matmul peak of the whole machine,
 measured here with torch threads = all cores.
 
@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 import shlex
 import shutil
 import signal
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-VARIANTS = {"a": "plain PyTorch", "b": "deepspeed ZeRO-2", "c1": "distlm, 1 worker", "c2": "distlm, 2 workers"}
+VARIANTS = {"a": "plain PyTorch", "b": "deepspeed launcher", "c1": "distlm, 1 worker", "c2": "distlm, 2 workers"}
 DEFAULT_MODEL = "model=tiny model.hidden_size=128 model.num_layers=4"
 
 
@@ -140,16 +139,12 @@ def worker_b(cfg, data, threads: int) -> list[float] | None:
     return times if rank == 0 else None
 
 
-def worker_c(cfg, variant: str, workdir: Path) -> list[float]:
+def worker_c(cfg) -> list[float]:
     import ray
 
-    from distlm.config import validate
     from distlm.tracking import read_metrics
     from distlm.trainer import run
 
-    cfg.cluster.num_workers, cfg.cluster.cpus_per_worker = layout(variant, num_cores())
-    cfg.run_dir = str(workdir / variant)
-    validate(cfg)
     run(cfg)
     ray.shutdown()  # part of what a user pays, so inside the wall time
     records = read_metrics(str(Path(cfg.run_dir) / "metrics.jsonl"))
@@ -157,15 +152,24 @@ def worker_c(cfg, variant: str, workdir: Path) -> list[float]:
 
 
 def worker_main(variant: str, workdir: Path, threads: int) -> None:
-    with open(workdir / "bench.pkl", "rb") as f:
-        shared = pickle.load(f)
-    cfg, data = shared["cfg"], shared["data"]
+    from distlm.config import compose
+    from distlm.data import prepare_data
+
+    # The driver's Config, rebuilt from the same overrides (not pickled, so it always matches
+    # the distlm code this process imports). c also gets its worker layout and run dir.
+    overrides = json.loads((workdir / "overrides.json").read_text())
+    if variant in ("c1", "c2"):
+        procs = layout(variant, num_cores())[0]
+        # cpus_per_worker is also what distlm sets each worker's torch threads to.
+        overrides += [f"cluster.num_workers={procs}", f"cluster.cpus_per_worker={threads}"]
+        overrides += [f"hydra.run.dir={workdir / variant}"]
+    cfg, _ = compose(overrides)
     if variant == "a":
-        times = worker_a(cfg, data, threads)
+        times = worker_a(cfg, prepare_data(cfg.data, seed=cfg.trainer.seed, progress=False), threads)
     elif variant == "b":
-        times = worker_b(cfg, data, threads)
+        times = worker_b(cfg, prepare_data(cfg.data, seed=cfg.trainer.seed, progress=False), threads)
     else:
-        times = worker_c(cfg, variant, workdir)
+        times = worker_c(cfg)  # run() prepares the data itself
     if times is not None:
         (workdir / f"{variant}.json").write_text(json.dumps({"step_times": times}))
 
@@ -308,11 +312,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def compose_config(args: argparse.Namespace, workdir: Path, cores: int):
-    from distlm.config import compose
-
+def config_overrides(args: argparse.Namespace, workdir: Path, cores: int) -> list[str]:
     s = args.steps
-    cfg, _ = compose([
+    return [
         "experiment=pretrain_tiny",
         f"data.cache_dir={REPO / 'runs' / '.cache'}",
         *shlex.split(args.model),
@@ -331,8 +333,7 @@ def compose_config(args: argparse.Namespace, workdir: Path, cores: int):
         "cluster.num_workers=2", f"cluster.cpus_per_worker={max(1, cores // 2)}",
         f"hydra.run.dir={workdir / 'run'}",
         *args.overrides,
-    ])  # fmt: skip
-    return cfg
+    ]  # fmt: skip
 
 
 def print_report(console, results: list[Result], warmup: int, steps: int) -> dict[str, float | None]:
@@ -371,7 +372,7 @@ def main() -> int:
     if args.worker:
         worker_main(args.worker, Path(args.workdir), args.threads)
         return 0
-    # SIGTERM unwinds like Ctrl-C, so the running variant's process group is still killed.
+    # SIGTERM unwinds like Ctrl-C, so the running variant's processes are still stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from rich.console import Console
@@ -388,24 +389,26 @@ def main() -> int:
 
     import torch
 
-    from distlm.config import ConfigError
+    from distlm.config import ConfigError, compose
     from distlm.data import prepare_data
     from distlm.models import build_model, count_parameters, flops_per_token
     from distlm.tracking import measure_matmul_peak
 
     cores = num_cores()
     workdir = Path(tempfile.mkdtemp(prefix="distlm-bench-"))
+    overrides = config_overrides(args, workdir, cores)
+    (workdir / "overrides.json").write_text(json.dumps(overrides))
     try:
-        cfg = compose_config(args, workdir, cores)
-        # Tokenize (or hit the cache) once, before any clock starts; the variants share the result.
+        cfg, _ = compose(overrides)
+        # Tokenize (or hit the cache) once, before any clock starts: the variants only find the cache.
         data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=False)
-        model = build_model(cfg.model, data.vocab_size, cfg.data.seq_len, data.eos_token_id, cfg.trainer.seed)
+        model = build_model(
+            cfg.model, data.vocab_size, cfg.data.seq_len, data.eos_token_id, cfg.trainer.seed, cfg.init_from
+        )
     except ConfigError as e:
         console.print(f"[red]config: {e}")
         shutil.rmtree(workdir, ignore_errors=True)
         return 2
-    with open(workdir / "bench.pkl", "wb") as f:
-        pickle.dump({"cfg": cfg, "data": data}, f)
     fpt, n_params = flops_per_token(model, cfg.data.seq_len), count_parameters(model)
     del model
     torch.set_num_threads(cores)
@@ -416,22 +419,27 @@ def main() -> int:
     load_before = os.getloadavg()[0]
     console.print(
         f"{n_params / 1e6:.2f}M params, {fpt / 1e6:.1f} MFLOP/token, {tokens_per_step} tokens/step, {args.steps} steps "
-        f"({warmup} warm-up skipped), {cores} cores, load {load_before:.1f}"
+        f"({warmup} warm-up skipped), ZeRO-{cfg.zero.stage} for b/c, {cores} cores, load {load_before:.1f}"
     )
     console.print(f"work dir: {workdir}")
 
     results: list[Result] = []
-    for v in only:
-        procs, threads = layout(v, cores)
-        console.print(f"[bold]{v}[/] {VARIANTS[v]} ({procs} x {threads}) ...")
-        res = run_variant(v, workdir, cores, args.steps, args.timeout)
-        results.append(res)
-        if res.error:
-            status = f"[red]FAILED: {res.error}[/]"
-        else:
-            status = f"{tokens_per_step / statistics.median(res.step_times[warmup:]):,.0f} tokens/s"
-        console.print(f"    {status}" + ("" if math.isnan(res.wall_s) else f", wall {res.wall_s:.1f} s"))
-        peaks.append(measure_matmul_peak(torch.device("cpu"), torch.float32, seconds=1.0))
+    interrupted = False
+    try:
+        for v in only:
+            procs, threads = layout(v, cores)
+            console.print(f"[bold]{v}[/] {VARIANTS[v]} ({procs} x {threads}) ...")
+            res = run_variant(v, workdir, cores, args.steps, args.timeout)
+            results.append(res)
+            if res.error:
+                status = f"[red]FAILED: {res.error}[/]"
+            else:
+                status = f"{tokens_per_step / statistics.median(res.step_times[warmup:]):,.0f} tokens/s"
+            console.print(f"    {status}" + ("" if math.isnan(res.wall_s) else f", wall {res.wall_s:.1f} s"))
+            peaks.append(measure_matmul_peak(torch.device("cpu"), torch.float32, seconds=1.0))
+    except KeyboardInterrupt:  # the running variant was stopped in run_variant; report the finished ones
+        console.print("[red]interrupted")
+        interrupted = True
     load_after = os.getloadavg()[0]
     peak = max(peaks)
     for res in results:
@@ -459,7 +467,7 @@ def main() -> int:
         }  # fmt: skip
         Path(args.out).write_text(json.dumps(report, indent=2))
         console.print(f"results: {args.out}")
-    failed = any(r.error for r in results)
+    failed = interrupted or any(r.error for r in results)
     if failed or args.keep:
         console.print(f"work dir kept: {workdir}")
     else:

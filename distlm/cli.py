@@ -7,11 +7,14 @@ override fails in about a second with exit code 2 and a one-line message.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 EXIT_CONFIG = 2
+# SIGTERM (Slurm preemption or time limit): a checkpoint was saved; run the same command to continue.
+EXIT_PREEMPTED = 75
 
 
 def _fail(message: str, code: int) -> int:
@@ -34,7 +37,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.run_dir)
     hydra_dir = run_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
-    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(composed, resolve=True))
     (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(args.overrides))))
 
     from rich.console import Console
@@ -46,6 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = trainer.run(cfg, console)
     except ConfigError as e:  # problems found on the driver after composition (data files, ...)
         return _fail(str(e), EXIT_CONFIG)
+    except trainer.Preempted as e:
+        return _fail(str(e), EXIT_PREEMPTED)
     except KeyboardInterrupt:
         return _fail(
             f"interrupted; continue with: distlm train {' '.join(args.overrides)} hydra.run.dir={run_dir}", 130
@@ -70,6 +74,19 @@ def _print_summary(console, summary, cfg) -> None:
     if cfg.tracking.backend == "wandb" and cfg.tracking.mode == "offline":
         table.add_row("W&B (offline)", f"wandb sync {Path(summary['run_dir']) / 'wandb'}/offline-run-*")
     console.print(table)
+    if summary.get("tasks"):
+        tasks = Table(title="exact match per task (held-out)")
+        for column in ("task", "before", "after", "loss before", "loss after"):
+            tasks.add_column(column)
+        for name, row in summary["tasks"].items():
+            tasks.add_row(
+                name,
+                f"{row['exact_match_before']:.3f}",
+                f"{row['exact_match_after']:.3f}",
+                f"{row['loss_before']:.3f}",
+                f"{row['loss_after']:.3f}",
+            )
+        console.print(tasks)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -90,6 +107,109 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Per-task loss and exact match of an export (with its adapters), in this process."""
+    from distlm.config import ConfigError, compose
+
+    path = Path(args.run)
+    export = path / "export" if (path / "export" / "config.json").exists() else path
+    if not (export / "config.json").exists():
+        return _fail(f"{path} is neither a run directory with an export nor an export directory", EXIT_CONFIG)
+    try:
+        # init_from is the model being evaluated here, not something to resolve.
+        cfg, _ = compose([*args.overrides, "init_from=null"])
+        # Unless told otherwise, evaluate the tasks (and seed: it picks the held-out split) of the run.
+        saved = export.parent / ".hydra" / "config.yaml"
+        if saved.exists() and not any(o.lstrip("+").startswith("task") for o in args.overrides):
+            from omegaconf import OmegaConf
+
+            from distlm.config import TasksConfig
+
+            run = OmegaConf.load(saved)
+            cfg.task = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TasksConfig), run.task))
+            cfg.trainer.seed = int(run.trainer.seed)
+        if not cfg.task.tasks:
+            raise ConfigError("no tasks to evaluate: pick a task set, e.g. task=suite")
+        from rich.console import Console
+        from rich.table import Table
+        from transformers import AutoTokenizer
+
+        from distlm.data.tasks import load_task
+        from distlm.evaluate import evaluate_tasks
+        from distlm.export import load_exported
+
+        adapters = sorted(p.name for p in (export / "adapters").glob("*") if p.is_dir())
+        model = load_exported(str(export), adapters)
+        tokenizer = AutoTokenizer.from_pretrained(export)
+        template = tokenizer.apply_chat_template if tokenizer.chat_template else None
+        tasks = {n: load_task(n, t, cfg.trainer.seed, template) for n, t in cfg.task.tasks.items()}
+    except ConfigError as e:
+        return _fail(str(e), EXIT_CONFIG)
+
+    def activate(task: str) -> None:
+        if task in adapters:
+            model.set_adapter(task)
+        elif "shared" in adapters:
+            model.set_adapter("shared")
+
+    metrics = evaluate_tasks(model, tokenizer, tasks, cfg.task, "cpu", activate=activate)
+    table = Table(title=f"distlm eval: {export}")
+    for column in ("task", "adapter", "examples", "loss", "exact match"):
+        table.add_column(column)
+    for name in tasks:
+        adapter = name if name in adapters else ("shared" if "shared" in adapters else "-")
+        n = min(len(tasks[name].eval), cfg.task.eval_examples)
+        table.add_row(
+            name, adapter, str(n), f"{metrics[f'eval/{name}/loss']:.3f}", f"{metrics[f'eval/{name}/exact_match']:.3f}"
+        )
+    table.add_row("mean", "", "", f"{metrics['val/loss']:.3f}", f"{metrics['eval/mean_exact_match']:.3f}")
+    Console().print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a run's export (and its task adapters) over an OpenAI-style HTTP API until Ctrl-C."""
+    from distlm.config import ConfigError, compose
+
+    try:
+        cfg, _ = compose(args.overrides)
+        from distlm.serve.model import find_export
+
+        export = find_export(args.path, cfg.serve.model_name)
+        from distlm.serve.server import serve_forever
+
+        serve_forever(export, cfg.serve, cfg.cluster.address)
+    except ConfigError as e:
+        return _fail(str(e), EXIT_CONFIG)
+    except KeyboardInterrupt:  # before the server was up
+        return _fail("interrupted", 130)
+    except Exception as e:  # noqa: BLE001 - e.g. a replica that could not load the model: say why, once
+        return _fail(f"serving failed: {type(e).__name__}: {e}", 1)
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from distlm.config import ConfigError
+    from distlm.launch import LaunchOptions, launch
+
+    options = LaunchOptions(
+        args.target,
+        args.overrides,
+        dry_run=args.dry_run,
+        apply=getattr(args, "apply", False),
+        follow=getattr(args, "follow", False),
+        multirun=args.multirun,
+        serve=getattr(args, "serve", False),
+        out=getattr(args, "out", None),
+    )
+    try:
+        return launch(options)
+    except ConfigError as e:
+        return _fail(str(e), EXIT_CONFIG)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distlm", description="Distributed LM training on Ray + DeepSpeed ZeRO.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +227,44 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", help="a specific checkpoint directory (default: the newest complete one)")
     export.add_argument("--out", help="output directory (default: <run>/export)")
     export.set_defaults(func=cmd_export)
+    evaluate = sub.add_parser("eval", help="per-task loss and exact match of a run's export (task=... picks the tasks)")
+    evaluate.add_argument("run", help="run directory or export directory")
+    evaluate.add_argument("--json", help="also write the metrics to this JSON file")
+    evaluate.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=suite task.eval_examples=128")
+    evaluate.set_defaults(func=cmd_eval)
+    serve = sub.add_parser(
+        "serve",
+        help="serve a run's export with Ray Serve: OpenAI-style HTTP API, one model id per task adapter",
+        description="Examples: distlm serve runs/<run> | distlm serve runs/<run> serve.port=8001 serve.max_batch_size=16 "
+        "| DISTLM_API_KEY=secret distlm serve runs/<run>/export",
+    )
+    serve.add_argument("path", help="a run directory (its export/) or an export directory")
+    serve.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. serve.port=8001 cluster.address=auto")
+    serve.set_defaults(func=cmd_serve)
+    launch = sub.add_parser("launch", help="run training on a cluster: Slurm (sbatch) or Kubernetes (KubeRay)")
+    targets = launch.add_subparsers(dest="target", required=True)
+    slurm = targets.add_parser(
+        "slurm",
+        help="render an sbatch script (Ray on the allocation, then distlm train) and submit it",
+        description="Examples: distlm launch slurm --dry-run cluster.nodes=4 cluster.gpus_per_node=8 | "
+        "distlm launch slurm --follow experiment=pretrain_tiny | distlm launch slurm -m trainer.lr=1e-3,3e-3",
+    )
+    slurm.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    slurm.add_argument("--follow", action="store_true", help="print the job's log until it ends; exit with its code")
+    k8s = targets.add_parser(
+        "k8s",
+        help="render KubeRay manifests: a RayJob (training) and a RayService (serving); kubectl apply them",
+        description="Examples: distlm launch k8s --dry-run cluster.nodes=2 cluster.gpus_per_node=8 | "
+        "distlm launch k8s --apply cluster.k8s.image=registry/distlm:0.1 | distlm launch k8s --apply --serve hydra.run.dir=...",
+    )
+    k8s.add_argument("--dry-run", action="store_true", help="print the manifests, apply nothing")
+    k8s.add_argument("--apply", action="store_true", help="kubectl apply the RayJob (the RayService with --serve)")
+    k8s.add_argument("--serve", action="store_true", help="with --apply: apply the RayService that serves the run")
+    k8s.add_argument("--out", help="directory for the manifest files (default: runs/k8s/<run>)")
+    for target in (slurm, k8s):
+        target.add_argument("-m", "--multirun", action="store_true", help="Hydra sweep (a=1,2): a job per point")
+        target.add_argument("overrides", nargs="*", help="Hydra overrides of the run (cluster=<target> is implied)")
+        target.set_defaults(func=cmd_launch)
     return parser
 
 

@@ -68,6 +68,68 @@ class ZeroConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """`distlm launch slurm`: the sbatch options and the job's environment set-up."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    # Time limit (HH:MM:SS or D-HH:MM:SS); None = the partition's default.
+    time: Optional[str] = None
+    constraint: Optional[str] = None
+    # Memory per node (e.g. 200G); None = Slurm's default.
+    mem: Optional[str] = None
+    # Job name; None = distlm-<run_name>.
+    job_name: Optional[str] = None
+    # More `#SBATCH` lines, e.g. ["--exclusive", "--mail-type=END"].
+    sbatch_args: List[str] = field(default_factory=list)
+    # Shell lines run first on the allocation (module load ..., source venv/bin/activate);
+    # empty = put the Python environment distlm was launched from on PATH (it must be on a shared path).
+    setup: List[str] = field(default_factory=list)
+    # Requeue on SIGTERM: Slurm signals the job this many seconds before its time limit
+    # (and `scancel --batch --signal=TERM` does it by hand); the run checkpoints, the job requeues and resumes.
+    requeue: bool = True
+    signal_grace_s: int = 120
+    # Extra arguments for every `ray start` (e.g. ["--include-dashboard=true"]).
+    ray_start_args: List[str] = field(default_factory=list)
+    # Seconds to wait for every node's Ray to join before the job fails.
+    join_timeout_s: int = 300
+
+
+@dataclass
+class K8sConfig:
+    """`distlm launch k8s`: KubeRay RayJob (training) and RayService (serving) manifests."""
+
+    namespace: str = "default"
+    # Built from docker/Dockerfile (README: "Docker images").
+    image: str = "distlm:latest"
+    image_pull_policy: str = "IfNotPresent"
+    # Kubernetes node labels the pods must match, e.g. {nvidia.com/gpu.product: H100}; None = any node.
+    node_selector: Dict[str, str] = field(default_factory=dict)
+    # Kubernetes tolerations, e.g. [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}].
+    tolerations: List[Dict[str, Any]] = field(default_factory=list)
+    # A ReadWriteMany PersistentVolumeClaim mounted on every pod: run dirs and the data cache live there.
+    pvc: str = "distlm-runs"
+    mount_path: str = "/mnt/distlm"
+    # More pod volumes and container mounts (Kubernetes syntax), passed through.
+    volumes: List[Dict[str, Any]] = field(default_factory=list)
+    volume_mounts: List[Dict[str, Any]] = field(default_factory=list)
+    # Container environment (Kubernetes syntax: name/value or name/valueFrom for secrets).
+    env: List[Dict[str, Any]] = field(default_factory=list)
+    # Memory per worker pod (cluster.nodes pods of cluster.cpus_per_node CPUs, cluster.gpus_per_node GPUs).
+    memory: str = "32Gi"
+    # The head pod runs the driver (data preparation, progress, export), no training workers.
+    head_cpus: int = 4
+    head_memory: str = "16Gi"
+    # Serving cluster for the RayService (distlm serve): worker pods of the same shape.
+    serve_nodes: int = 1
+    # Seconds KubeRay keeps a finished RayJob's cluster before deleting it.
+    ttl_seconds_after_finished: int = 600
+    # RayJob retries (each on a new Ray cluster): a retried run resumes from its newest checkpoint on the volume.
+    backoff_limit: int = 2
+
+
+@dataclass
 class ClusterConfig:
     name: str = "local"
     # Ray address to join; None uses RAY_ADDRESS, or starts a local Ray.
@@ -87,6 +149,12 @@ class ClusterConfig:
     collective_timeout_s: int = 600
     # Where Ray Train persists checkpoints (shared filesystem or s3://...); None = run dir.
     storage_path: Optional[str] = None
+    # Multi-node launchers (distlm launch slurm|k8s): nodes to allocate and what each one has.
+    nodes: int = 1
+    cpus_per_node: int = 2
+    gpus_per_node: int = 0
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    k8s: K8sConfig = field(default_factory=K8sConfig)
 
 
 @dataclass
@@ -171,6 +239,44 @@ class AdapterConfig:
 
 
 @dataclass
+class ServeConfig:
+    # Ray Serve's HTTP proxy binds here; 127.0.0.1 keeps the API on this machine.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    app_name: str = "distlm"
+    route_prefix: str = "/"
+    # The base model's id in the API (adapters are "<model_name>:<task>"); None = the run dir's name.
+    model_name: Optional[str] = None
+    # Bearer token for /v1/*; None reads the environment variable api_key_env (unset there too = no auth).
+    api_key: Optional[str] = None
+    api_key_env: str = "DISTLM_API_KEY"
+    # Replicas: a fixed count, or autoscaling between min_replicas and max_replicas when both are set.
+    num_replicas: int = 1
+    min_replicas: Optional[int] = None
+    max_replicas: Optional[int] = None
+    target_ongoing_requests: float = 8.0
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    # auto (cuda when the replica has a GPU) | cpu | cuda; auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 | fp16
+    device: str = "auto"
+    dtype: str = "auto"
+    # Dynamic batching (Ray Serve @serve.batch): concurrent requests are decoded together.
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+    # Overload: a replica runs at most max_ongoing_requests; the others wait in Ray Serve's proxy,
+    # at most max_queued_requests of them (a burst waits there until assigned); beyond that they
+    # get overload_status (503 or 429) with a Retry-After header of retry_after_s.
+    max_ongoing_requests: int = 16
+    max_queued_requests: int = 64
+    overload_status: int = 503
+    retry_after_s: int = 1
+    # Request limits: max_tokens when a request gives none, the largest allowed, the body size.
+    default_max_tokens: int = 16
+    max_tokens_limit: int = 1024
+    max_body_bytes: int = 1_000_000
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -178,6 +284,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     task: TasksConfig = field(default_factory=TasksConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     run_name: str = "run"
@@ -195,6 +302,20 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="distlm_schema", node=Config)
+    from omegaconf import OmegaConf
+
+    # conf/cluster/{slurm,k8s}.yaml: num_workers fills the nodes (one worker per GPU, or per cpus_per_worker CPUs).
+    if not OmegaConf.has_resolver("cluster_workers"):
+        OmegaConf.register_new_resolver("cluster_workers", cluster_workers)
+
+
+def cluster_workers(
+    nodes: int, cpus_per_node: int, gpus_per_node: int, cpus_per_worker: int, gpus_per_worker: int
+) -> int:
+    """How many workers fit on `nodes` nodes: one per gpus_per_worker GPUs, or per cpus_per_worker CPUs."""
+    if gpus_per_node > 0:
+        return nodes * (gpus_per_node // max(gpus_per_worker, 1))
+    return nodes * (cpus_per_node // max(cpus_per_worker, 1))
 
 
 def _choice(key: str, value: str, allowed: List[str]) -> None:
@@ -281,6 +402,63 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "tracking.mode=online needs WANDB_API_KEY in the environment: export it, or use tracking=wandb_offline"
         )
+    validate_serve(cfg.serve)
+
+
+def validate_serve(s: ServeConfig) -> None:
+    """The serve group's checks (also run by distlm.serve.app:build_app). Raises ConfigError."""
+    _choice("serve.device", s.device, ["auto", "cpu", "cuda"])
+    _choice("serve.dtype", s.dtype, ["auto", "fp32", "bf16", "fp16"])
+    if s.overload_status not in (429, 503):
+        raise ConfigError(f"serve.overload_status={s.overload_status} is not valid: use 503 or 429")
+    if not 1 <= s.port <= 65535:
+        raise ConfigError(f"serve.port={s.port} is not a TCP port: use 1-65535 (e.g. 8000)")
+    if not s.route_prefix.startswith("/"):
+        raise ConfigError(f"serve.route_prefix={s.route_prefix!r} must start with '/' (e.g. / or /llm)")
+    if s.model_name is not None and (not s.model_name or ":" in s.model_name):
+        raise ConfigError(
+            f"serve.model_name={s.model_name!r} must be non-empty without ':' (':' separates the model from a task adapter)"
+        )
+    for key, value in [
+        ("serve.num_replicas", s.num_replicas),
+        ("serve.max_batch_size", s.max_batch_size),
+        ("serve.max_ongoing_requests", s.max_ongoing_requests),
+        ("serve.max_queued_requests", s.max_queued_requests),
+        ("serve.default_max_tokens", s.default_max_tokens),
+        ("serve.max_body_bytes", s.max_body_bytes),
+    ]:
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be a positive integer")
+    if (s.min_replicas is None) != (s.max_replicas is None):
+        raise ConfigError(
+            "serve.min_replicas and serve.max_replicas go together: set both to autoscale, or neither for serve.num_replicas"
+        )
+    if s.min_replicas is not None and not 0 <= s.min_replicas <= s.max_replicas >= 1:
+        raise ConfigError(
+            f"serve.min_replicas={s.min_replicas}, serve.max_replicas={s.max_replicas}: "
+            "need 0 <= min_replicas <= max_replicas and max_replicas >= 1"
+        )
+    if s.max_ongoing_requests < s.max_batch_size:
+        raise ConfigError(
+            f"serve.max_ongoing_requests={s.max_ongoing_requests} is below serve.max_batch_size={s.max_batch_size}: "
+            f"a replica could never fill a batch; set serve.max_ongoing_requests to at least {s.max_batch_size}"
+        )
+    if s.max_tokens_limit < s.default_max_tokens:
+        raise ConfigError(
+            f"serve.max_tokens_limit={s.max_tokens_limit} is below serve.default_max_tokens={s.default_max_tokens}: "
+            "raise the limit or lower the default"
+        )
+    for key, value in [
+        ("serve.batch_wait_timeout_s", s.batch_wait_timeout_s),
+        ("serve.retry_after_s", s.retry_after_s),
+        ("serve.num_gpus", s.num_gpus),
+    ]:
+        if value < 0:
+            raise ConfigError(f"{key}={value} must not be negative")
+    if s.num_cpus <= 0 or s.target_ongoing_requests <= 0:
+        raise ConfigError(
+            f"serve.num_cpus={s.num_cpus} and serve.target_ongoing_requests={s.target_ongoing_requests} must be positive"
+        )
 
 
 def _validate_tasks(tasks: TasksConfig, adapter: AdapterConfig, trainer: TrainerConfig) -> None:
@@ -292,13 +470,17 @@ def _validate_tasks(tasks: TasksConfig, adapter: AdapterConfig, trainer: Trainer
         if adapter.rank < 1:
             raise ConfigError(f"adapter.rank={adapter.rank} must be a positive integer")
         if not adapter.target_modules:
-            raise ConfigError("adapter.target_modules is empty: name the modules to adapt (e.g. [c_attn,c_fc]) or use [all-linear]")
+            raise ConfigError(
+                "adapter.target_modules is empty: name the modules to adapt (e.g. [c_attn,c_fc]) or use [all-linear]"
+            )
     for name, task in tasks.tasks.items():
         key = f"task.tasks.{name}"
         if task.generator is None and task.path is None:
             raise ConfigError(f"{key}.path is not set: give the task's JSONL file ({key}.path=/path/to/train.jsonl)")
         if task.generator is not None and task.path is not None:
-            raise ConfigError(f"{key}: set exactly one of generator (addition|reversal|sorting|kv_lookup) or path (a JSONL file)")
+            raise ConfigError(
+                f"{key}: set exactly one of generator (addition|reversal|sorting|kv_lookup) or path (a JSONL file)"
+            )
         _choice(f"{key}.on_error", task.on_error, ["raise", "skip"])
         for path_key, path in (("path", task.path), ("eval_path", task.eval_path)):
             if path is not None and not Path(path).is_file():
@@ -310,9 +492,13 @@ def _validate_tasks(tasks: TasksConfig, adapter: AdapterConfig, trainer: Trainer
     if tasks.mixture == "weights":
         unknown = set(tasks.weights) - set(tasks.tasks)
         if unknown:
-            raise ConfigError(f"task.weights names unknown tasks {sorted(unknown)}: use names from task.tasks ({', '.join(tasks.tasks)})")
+            raise ConfigError(
+                f"task.weights names unknown tasks {sorted(unknown)}: use names from task.tasks ({', '.join(tasks.tasks)})"
+            )
         if not tasks.weights or sum(tasks.weights.values()) <= 0 or min(tasks.weights.values()) < 0:
-            raise ConfigError("task.mixture=weights needs task.weights={name: weight} with non-negative weights summing above 0")
+            raise ConfigError(
+                "task.mixture=weights needs task.weights={name: weight} with non-negative weights summing above 0"
+            )
 
 
 def conf_dir() -> Path:

@@ -113,7 +113,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # DeepSpeed drops empty groups, which would leave the LR scheduler one group out.
+    return [g for g in groups if g["params"]]
 
 
 class IdleSkippingAdamW(torch.optim.AdamW):
@@ -159,7 +161,9 @@ class Engine:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             if any(g.get("skip_when_idle") for g in groups):
-                raise ConfigError("adapter=per_task_lora cannot use zero.offload_optimizer: use zero=zero2 or zero=zero3")
+                raise ConfigError(
+                    "adapter=per_task_lora cannot use zero.offload_optimizer: use zero=zero2 or zero=zero3"
+                )
             optimizer = DeepSpeedCPUAdam(groups, lr=trainer.lr, betas=betas, adamw_mode=True)
         else:
             optimizer = IdleSkippingAdamW(groups, lr=trainer.lr, betas=betas, foreach=False)

@@ -26,7 +26,9 @@ def _all_reduce(values: List[float], device, world: int) -> List[float]:
     return t.tolist()
 
 
-def validation_loss(forward: Callable, val: TokenBlocks, micro: int, batches: int, rank: int, world: int, device) -> float:
+def validation_loss(
+    forward: Callable, val: TokenBlocks, micro: int, batches: int, rank: int, world: int, device
+) -> float:
     """Mean loss over the first `batches * micro * world` validation blocks."""
     total = min(len(val), batches * micro * world) // world * world
     indices = list(range(rank, total, world))
@@ -72,7 +74,10 @@ def evaluate_tasks(
         examples = task.eval[: cfg.eval_examples]
         # Equal work on every rank: pad this rank's share with weight-0 repeats.
         per_rank = math.ceil(len(examples) / world)
-        mine = [(examples[i], 1.0) if i < len(examples) else (examples[0], 0.0) for i in range(rank, per_rank * world, world)]
+        mine = [
+            (examples[i], 1.0) if i < len(examples) else (examples[0], 0.0)
+            for i in range(rank, per_rank * world, world)
+        ]
         loss_sum = tokens = correct = counted = 0.0
         max_new = cfg.tasks[name].max_new_tokens if name in cfg.tasks else 16
         with torch.no_grad():

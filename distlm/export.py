@@ -80,7 +80,10 @@ class _ShardWriter:
             renamed = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(self.files)}
             for old, new in renamed.items():
                 (self.directory / old).rename(self.directory / new)
-            index = {"metadata": {"total_size": self.total}, "weight_map": {k: renamed[v] for k, v in self.weight_map.items()}}
+            index = {
+                "metadata": {"total_size": self.total},
+                "weight_map": {k: renamed[v] for k, v in self.weight_map.items()},
+            }
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         return len(self.files)
 
@@ -136,7 +139,9 @@ def export_checkpoint(
         shutil.copy(adapter_dir / "adapter_config.json", target / "adapter_config.json")
         if not adapter_tensors[adapter_dir.name]:
             raise CheckpointError(f"checkpoint {checkpoint_dir} has no weights for adapter {adapter_dir.name!r}")
-        save_file(adapter_tensors[adapter_dir.name], str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            adapter_tensors[adapter_dir.name], str(target / "adapter_model.safetensors"), metadata={"format": "pt"}
+        )
 
     info = {
         "checkpoint": str(checkpoint_dir),
@@ -229,4 +234,3 @@ def newest_checkpoint(run_dir: str) -> str:
         except CheckpointError:
             continue
     raise CheckpointError(f"no complete checkpoint under {root}: train first (distlm train hydra.run.dir={run_dir})")
-

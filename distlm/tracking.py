@@ -78,6 +78,9 @@ class MetricsSink:
 
     def __init__(self) -> None:
         self.records: List[Dict[str, Any]] = []
+        self.placement: Dict[int, Dict[str, Any]] = {}
+        # Set by the driver's SIGTERM handler; the workers poll it every step.
+        self.stop = False
 
     def put(self, record: Dict[str, Any]) -> None:
         self.records.append(record)
@@ -85,6 +88,55 @@ class MetricsSink:
     def drain(self) -> List[Dict[str, Any]]:
         out, self.records = self.records, []
         return out
+
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def stop_requested(self) -> bool:
+        return self.stop
+
+    def put_placement(self, rank: int, info: Dict[str, Any]) -> None:
+        self.placement[rank] = info
+
+    def placement_by_rank(self) -> List[Dict[str, Any]]:
+        return [self.placement[r] for r in sorted(self.placement)]
+
+
+def report_placement(sink, rank: int) -> None:
+    """Tell the driver where this rank runs: its Ray node and the process group's rendezvous
+    address (MASTER_ADDR: the rank-0 worker's node, set by Ray Train). The driver writes placement.json."""
+    if sink is None:
+        return
+    import os
+    import socket
+
+    import ray
+
+    info = {
+        "rank": rank,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "master_addr": os.environ.get("MASTER_ADDR"),
+        "master_port": os.environ.get("MASTER_PORT"),
+    }
+    sink.put_placement.remote(rank, info)
+
+
+def stop_requested(sink, rank: int, world: int, device: torch.device) -> bool:
+    """Whether the driver asked the run to stop: rank 0 asks the sink (one small remote call)
+    and broadcasts the answer, so every rank stops after the same step."""
+    flag = torch.zeros(1, device=device)
+    if rank == 0 and sink is not None:
+        import ray
+
+        flag.fill_(float(ray.get(sink.stop_requested.remote())))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def read_metrics(path: str) -> List[Dict[str, Any]]:
@@ -100,19 +152,21 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
     return [latest[k] for k in sorted(latest)]
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
-    """Achievable matmul FLOP/s on this device with the current thread settings (the MFU denominator)."""
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024, trials: int = 5) -> float:
+    """Achievable matmul FLOP/s on this device with the current thread settings (the MFU
+    denominator): the best of several short trials, so a moment of contention from another
+    process does not pass for the peak."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    iters, start = 0, time.perf_counter()
-    while True:
-        torch.mm(a, b)
-        iters += 1
+    best = 0.0
+    for _ in range(trials):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds and iters >= 3:
-            return 2.0 * n**3 * iters / elapsed
+        start = time.perf_counter()
+        for _ in range(3):
+            torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 3 * 2.0 * n**3 / (time.perf_counter() - start))
+    return best

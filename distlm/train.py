@@ -28,7 +28,7 @@ from distlm.data.tasks import load_task
 from distlm.engine import Engine, resolve_runtime
 from distlm.evaluate import evaluate_tasks, validation_loss
 from distlm.models import build_model, flops_per_token
-from distlm.tracking import make_tracker, measure_matmul_peak
+from distlm.tracking import make_tracker, measure_matmul_peak, report_placement, stop_requested
 
 
 def train_worker(config: Dict[str, Any]) -> None:
@@ -36,6 +36,7 @@ def train_worker(config: Dict[str, Any]) -> None:
     tr, seq_len = cfg.trainer, cfg.data.seq_len
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    report_placement(config.get("sink"), rank)
     _quiet_libraries()
     torch.set_num_threads(tr.threads or cfg.cluster.cpus_per_worker)
     runtime = resolve_runtime(cfg.cluster)
@@ -131,6 +132,12 @@ def train_worker(config: Dict[str, Any]) -> None:
             probe = _probe(engine, batches, tasks, tokenizer, cfg) if last else None
             state.sampler = batches.state_dict()
             save_checkpoint(engine, state, rank, world, metrics, cfg, list(tasks), probe)
+        # Preemption (SIGTERM to the driver): every rank saves this step, unless just saved, and stops.
+        if not last and stop_requested(config.get("sink"), rank, world, engine.device):
+            if state.step % tr.checkpoint_every != 0:
+                state.sampler = batches.state_dict()
+                save_checkpoint(engine, state, rank, world, metrics, cfg, list(tasks))
+            break
     tracker.finish()
 
 

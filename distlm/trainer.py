@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -28,12 +30,15 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
             "or a new hydra.run.dir"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+    _save_config(cfg, run_dir)
 
     console.log(f"run dir: {run_dir}")
     data, source_tokenizer = _prepare_inputs(cfg, console)
     tokenizer_dir = run_dir / "tokenizer"
     if not tokenizer_dir.exists():
-        shutil.copytree(source_tokenizer, tokenizer_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "config.json"))
+        shutil.copytree(
+            source_tokenizer, tokenizer_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "config.json")
+        )
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -70,11 +75,20 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
         ),
     )
     metrics_path = run_dir / "metrics.jsonl"
-    with _Progress(sink, metrics_path, cfg.trainer.max_steps, console):
+    with _StopOnSigterm(sink, console) as stop, _Progress(sink, metrics_path, cfg.trainer.max_steps, console):
         result = trainer.fit()
+    # Which node each rank ran on and the rendezvous address it used (multi-node debugging).
+    placement = ray.get(sink.placement_by_rank.remote(), timeout=60)
+    (run_dir / "placement.json").write_text(json.dumps(placement, indent=2))
     if result.error is not None:
         raise result.error
     checkpoint = result.checkpoint.path
+    step = _checkpoint_step(checkpoint)
+    if stop.requested and step < cfg.trainer.max_steps:
+        raise Preempted(
+            f"stopped by SIGTERM at step {step} of {cfg.trainer.max_steps} with a checkpoint ({checkpoint}): "
+            f"run the same command (same hydra.run.dir={run_dir}) to continue"
+        )
     console.log(f"final checkpoint: {checkpoint}")
 
     from distlm.export import export_checkpoint
@@ -109,9 +123,16 @@ def _prepare_inputs(cfg: Config, console):
                 "fine-tuning on tasks needs a pretrained model: set init_from=runs/<pretraining run>/export "
                 "(or model.pretrained=<HF model dir>)"
             )
+        from distlm.data.tasks import load_task
         from distlm.data.tokenizer import load_tokenizer
 
-        load_tokenizer(source)  # a clear error now rather than in every worker
+        # Clear errors now (bad tokenizer, malformed task files) rather than in every worker.
+        tokenizer = load_tokenizer(source)
+        template = tokenizer.apply_chat_template if tokenizer.chat_template else None
+        for name, task_cfg in cfg.task.tasks.items():
+            task = load_task(name, task_cfg, cfg.trainer.seed, template)
+            skipped = f", {task.skipped} malformed lines skipped" if task.skipped else ""
+            console.log(f"task {name}: {len(task.train)} train / {len(task.eval)} held-out examples{skipped}")
         console.log(f"fine-tuning {source} on tasks {', '.join(cfg.task.tasks)} with adapter={cfg.adapter.name}")
         return None, source
     from distlm.data import prepare_data
@@ -122,6 +143,55 @@ def _prepare_inputs(cfg: Config, console):
     if cfg.model.pretrained is None and cfg.init_from is None:
         build_config(cfg.model, data.vocab_size, cfg.data.seq_len, data.eos_token_id)
     return data, data.tokenizer_dir
+
+
+def _save_config(cfg: Config, run_dir: Path) -> None:
+    """The resolved config of the run (Hydra's layout), for people and for `distlm eval`."""
+    from omegaconf import OmegaConf
+
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM after saving a checkpoint; the same command continues it."""
+
+
+class _StopOnSigterm:
+    """SIGTERM to the driver (Slurm's warning before preemption or the time limit) asks the
+    workers, through the metrics sink, to save a checkpoint and stop at the next step.
+    The handler only starts a thread: Ray calls are not safe inside a signal handler."""
+
+    def __init__(self, sink, console) -> None:
+        self.sink, self.console = sink, console
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.requested:
+            self.requested = True
+            threading.Thread(target=self._stop_workers, daemon=True).start()
+
+    def _stop_workers(self) -> None:
+        import ray
+
+        self.console.log("SIGTERM: the workers save a checkpoint and stop")
+        ray.get(self.sink.request_stop.remote(), timeout=60)
+
+
+def _checkpoint_step(checkpoint: str) -> int:
+    """The step of a checkpoint directory named step_<n> (works for object-storage paths too)."""
+    match = re.search(r"step_(\d+)$", checkpoint.rstrip("/"))
+    return int(match.group(1)) if match else -1
 
 
 def _init_ray(cfg: Config) -> None:

@@ -106,6 +106,8 @@ class SlurmCluster:
                     "SelectTypeParameters=CR_Core",
                     "SchedulerType=sched/builtin",
                     "MpiDefault=none",
+                    # GPU requests parse (sbatch --test-only), though this node has none.
+                    "GresTypes=gpu",
                     "ReturnToService=2",
                     "SlurmctldTimeout=30",
                     "SlurmdTimeout=60",
@@ -152,7 +154,9 @@ class SlurmCluster:
         while time.monotonic() < deadline:
             for p in self.procs:
                 if p.poll() is not None:
-                    raise SlurmSetupError(f"{p.args[0]} exited with {p.returncode} while waiting for {what}:\n{self.logs()}")
+                    raise SlurmSetupError(
+                        f"{p.args[0]} exited with {p.returncode} while waiting for {what}:\n{self.logs()}"
+                    )
             if predicate():
                 return
             time.sleep(0.5)

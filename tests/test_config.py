@@ -24,6 +24,15 @@ def test_every_conf_file_composes(path: Path, tmp_path, monkeypatch):
         overrides.append(f"data.paths=[{sample}]")
     if option == "wandb_online":
         monkeypatch.setenv("WANDB_API_KEY", "test-key-never-sent")
+    # Options that need something from the user to be complete.
+    if (group, option) == ("task", "jsonl"):
+        sample = tmp_path / "task.jsonl"
+        sample.write_text('{"prompt": "a", "completion": "b"}\n')
+        overrides.append(f"task.tasks.mine.path={sample}")
+    if (group, option) == ("adapter", "per_task_lora"):
+        overrides.append("task=suite")
+    if (group, option) == ("experiment", "multitask"):
+        overrides.append(f"init_from={tmp_path}")
     cfg, _ = compose(overrides)
     assert isinstance(cfg, Config)
     assert cfg.run_dir == str(tmp_path)
@@ -34,7 +43,7 @@ def test_every_conf_file_composes(path: Path, tmp_path, monkeypatch):
 
 def test_all_groups_present():
     groups = {p.name for p in CONF.iterdir() if p.is_dir()}
-    assert {"model", "data", "zero", "cluster", "tracking", "trainer", "experiment"} <= groups
+    assert {"model", "data", "zero", "cluster", "tracking", "trainer", "task", "adapter", "experiment"} <= groups
 
 
 def test_overrides_reach_typed_config(tmp_path):

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from distlm.config import ConfigError, TasksConfig, TaskConfig, TrainerConfig, compose
+from distlm.config import ConfigError, TaskConfig, TasksConfig, TrainerConfig, compose
 from distlm.data.batches import IGNORE, TaskBatches, collate, encode_example
 from distlm.data.corpus import DataError
 from distlm.data.mixture import TaskMixture, mixture_weights
@@ -20,7 +20,11 @@ from distlm.engine import IdleSkippingAdamW
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    docs = [f"add: {a} + {b} = {a + b}\nreverse: a b c = c b a\nlookup: a 1 b 2 ; a = 1" for a in range(30) for b in range(5)]
+    docs = [
+        f"add: {a} + {b} = {a + b}\nreverse: a b c = c b a\nlookup: a 1 b 2 ; a = 1"
+        for a in range(30)
+        for b in range(5)
+    ]
     return train_tokenizer(docs, vocab_size=300)
 
 
@@ -119,7 +123,11 @@ def test_cli_reports_malformed_task_file_before_training(tmp_path):
     model_dir = tmp_path / "model"
     _tiny_pretrained(model_dir)
     result = run_cli(
-        "train", "task=jsonl", f"task.tasks.mine.path={path}", f"init_from={model_dir}", f"hydra.run.dir={tmp_path / 'run'}"
+        "train",
+        "task=jsonl",
+        f"task.tasks.mine.path={path}",
+        f"init_from={model_dir}",
+        f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"{path} line 11: field 'completion' is missing" in result.stderr
@@ -132,7 +140,9 @@ def _tiny_pretrained(directory):
     from distlm.models import build_config
 
     tok = train_tokenizer(["add: 1 + 2 = 3", "reverse: a b = b a"] * 20, vocab_size=300)
-    AutoModelForCausalLM.from_config(build_config(ModelConfig(), len(tok), 64, tok.eos_token_id)).save_pretrained(directory)
+    AutoModelForCausalLM.from_config(build_config(ModelConfig(), len(tok), 64, tok.eos_token_id)).save_pretrained(
+        directory
+    )
     tok.save_pretrained(directory)
 
 
@@ -183,6 +193,13 @@ def test_realised_shares_match_the_strategy(strategy):
         assert [mixture.task_for_step(s) for s in range(6)] == ["a", "b", "c", "a", "b", "c"]
 
 
+def _rows(micro_batches):
+    """The unpadded examples of some micro batches, order-free."""
+    return sorted(
+        tuple(r[m.bool()].tolist()) for b in micro_batches for r, m in zip(b["input_ids"], b["attention_mask"])
+    )
+
+
 def test_task_batches_shard_across_ranks_and_resume(tokenizer):
     tasks, cfg = _suite(), TasksConfig(mixture="proportional")
     single = _batches(tokenizer, tasks, cfg)
@@ -191,8 +208,7 @@ def test_task_batches_shard_across_ranks_and_resume(tokenizer):
         whole = single.next(step)
         parts = [b.next(step) for b in ranks]
         assert whole.task == parts[0].task == parts[1].task
-        rows = lambda batches: sorted(tuple(r[m.bool()].tolist()) for b in batches for r, m in zip(b["input_ids"], b["attention_mask"]))  # noqa: E731
-        assert rows(whole.micro_batches) == rows([mb for p in parts for mb in p.micro_batches])
+        assert _rows(whole.micro_batches) == _rows([mb for p in parts for mb in p.micro_batches])
 
     # A sampler restored at step 12 continues exactly like the uninterrupted one.
     resumed = _batches(tokenizer, tasks, cfg)

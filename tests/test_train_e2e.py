@@ -213,8 +213,11 @@ def _run_and_kill_a_worker(run_dir: Path, *overrides: str):
             "step 12",
             proc,
         )
+        # Only this run's workers: its local Ray (and so its workers) descend from the driver.
         workers = [
-            p for p in psutil.process_iter(["pid", "cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "RayTrainWorker" in " ".join(p.cmdline() or [])
         ]
         assert workers, "no Ray Train worker process found"
         workers[-1].send_signal(signal.SIGKILL)

@@ -33,7 +33,9 @@ class PretrainBatches:
     def __init__(self, data: PreparedData, seq_len: int, tr: TrainerConfig, rank: int, world: int):
         self.train = TokenBlocks(data.train_path, data.dtype, seq_len)
         self.val = TokenBlocks(data.val_path, data.dtype, seq_len)
-        self.sampler = ResumableSampler(len(self.train), tr.global_batch_size, tr.micro_batch_size, rank, world, tr.seed)
+        self.sampler = ResumableSampler(
+            len(self.train), tr.global_batch_size, tr.micro_batch_size, rank, world, tr.seed
+        )
 
     def next(self, step: int) -> Step:
         micro = []
@@ -121,7 +123,10 @@ class TaskBatches:
         return {name: count / total for name, count in self.steps_per_task.items()}
 
     def state_dict(self) -> Dict:
-        return {"samplers": {n: s.state_dict() for n, s in self.samplers.items()}, "steps_per_task": dict(self.steps_per_task)}
+        return {
+            "samplers": {n: s.state_dict() for n, s in self.samplers.items()},
+            "steps_per_task": dict(self.steps_per_task),
+        }
 
     def load_state_dict(self, state: Dict) -> None:
         if set(state["samplers"]) != set(self.samplers):

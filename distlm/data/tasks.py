@@ -53,7 +53,11 @@ GENERATORS: Dict[str, Callable[[random.Random], Example]] = {
     "kv_lookup": _kv_lookup,
 }
 
-DEFAULT_CHAT_TEMPLATE = "{role}: {content}\n"
+# For tokenizers without a chat template; `distlm serve` renders chats with the same one.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 @dataclass
@@ -90,10 +94,11 @@ def generate(generator: str, seed: int, num_train: int, num_eval: int) -> Tuple[
 def render_chat(messages: List[Dict[str, str]], template: Optional[Callable] = None) -> Example:
     """Prompt = everything before the last assistant message (plus the assistant cue); target = it."""
     if template is not None:
-        prompt = template(messages[:-1], add_generation_prompt=True, tokenize=False)
-    else:
-        prompt = "".join(DEFAULT_CHAT_TEMPLATE.format(**m) for m in messages[:-1]) + "assistant:"
-    return prompt, " " + messages[-1]["content"] if template is None else messages[-1]["content"]
+        return template(messages[:-1], add_generation_prompt=True, tokenize=False), messages[-1]["content"]
+    import jinja2
+
+    prompt = jinja2.Template(DEFAULT_CHAT_TEMPLATE).render(messages=messages[:-1], add_generation_prompt=True)
+    return prompt, " " + messages[-1]["content"]
 
 
 def _parse_line(line: str, where: str, chat_template) -> Example:
@@ -167,7 +172,9 @@ def load_task(name: str, cfg: TaskConfig, seed: int, chat_template=None) -> Task
     random.Random(f"{name}-{seed}").shuffle(order)
     n_eval = min(cfg.num_eval, len(examples) // 5)
     if n_eval == 0:
-        raise DataError(f"task file {cfg.path} has {len(examples)} examples: need at least 5 to hold some out (or set eval_path)")
+        raise DataError(
+            f"task file {cfg.path} has {len(examples)} examples: need at least 5 to hold some out (or set eval_path)"
+        )
     held = [examples[i] for i in order[:n_eval]]
     train = [examples[i] for i in order[n_eval:]]
     return TaskData(name, train, held, skipped)

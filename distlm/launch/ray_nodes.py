@@ -1,0 +1,97 @@
+"""Ray bootstrap helpers for the sbatch script (`python -m distlm.launch.ray_nodes ...`).
+
+address                            this node's IP (as Ray detects it) and a free port: IP:PORT
+port                               a free TCP port on this node
+wait ADDRESS COUNT TIMEOUT [PID..] wait until COUNT Ray nodes are alive in the cluster at
+                                   ADDRESS; fail at once if a PID (a node's srun step) exits
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from typing import List
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def head_address() -> str:
+    import ray.util
+
+    return f"{ray.util.get_node_ip_address()}:{free_port()}"
+
+
+def _reachable(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _exited(pids: List[int]) -> List[int]:
+    """The watched processes (our children) that have exited."""
+    gone = []
+    for pid in pids:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                gone.append(pid)
+        except ChildProcessError:  # not our child (the shell's): check that it still exists
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                gone.append(pid)
+    return gone
+
+
+def wait_for_nodes(address: str, count: int, timeout_s: float, pids: List[int] = ()) -> int:
+    """Poll the cluster until `count` nodes are alive; returns how many are. Raises TimeoutError,
+    or RuntimeError when a watched Ray node process exits first."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    alive = 0
+    while time.monotonic() < deadline:
+        gone = _exited(list(pids))
+        if gone:
+            raise RuntimeError(f"a Ray node exited before the cluster was up (pid {', '.join(map(str, gone))})")
+        # ray.init retries an unreachable GCS for minutes: connect only once the port answers.
+        if _reachable(address):
+            if not ray.is_initialized():
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            alive = sum(1 for node in ray.nodes() if node["Alive"])
+            if alive >= count:
+                return alive
+        time.sleep(1)
+    raise TimeoutError(f"only {alive} of {count} Ray nodes joined {address} within {timeout_s:.0f}s")
+
+
+def main(argv: List[str]) -> int:
+    if argv == ["address"]:
+        print(head_address())
+        return 0
+    if argv == ["port"]:
+        print(free_port())
+        return 0
+    if argv[:1] == ["wait"] and len(argv) >= 4:
+        address, count, timeout_s, pids = argv[1], int(argv[2]), float(argv[3]), [int(p) for p in argv[4:]]
+        try:
+            alive = wait_for_nodes(address, count, timeout_s, pids)
+        except (TimeoutError, RuntimeError) as e:
+            print(f"distlm: error: {e}: see the slurm-<job>-ray-<node>.out files in the run dir", file=sys.stderr)
+            return 1
+        print(f"distlm: {alive} Ray node(s) alive at {address}")
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

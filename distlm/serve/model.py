@@ -1,0 +1,295 @@
+"""The served model: an export's base model, its task adapters, and a batched decode loop.
+
+No Ray here: the Serve deployment (app.py) and the benchmark's direct in-process calls
+both drive `ServedModel.steps`. Greedy decoding (temperature 0) picks the same tokens as
+`model.generate(do_sample=False)` on the exported model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from distlm.config import ConfigError
+
+# Used when the tokenizer has no chat template of its own: the one fine-tuning used.
+from distlm.data.tasks import DEFAULT_CHAT_TEMPLATE
+
+ADAPTERS_DIR = "adapters"
+# peft's adapter name for "no adapter" in a mixed-adapter batch (adapter_names=[...]).
+BASE_ADAPTER = "__base__"
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """Where an export lives and the names it is served under."""
+
+    path: str  # the export directory (config.json, weights, tokenizer)
+    name: str  # the base model's id in the API
+    adapters: Dict[str, str] = field(default_factory=dict)  # task -> adapter directory (peft layout)
+
+    @property
+    def model_ids(self) -> List[str]:
+        return [self.name] + [f"{self.name}:{task}" for task in self.adapters]
+
+    def adapter_for(self, model_id: str) -> Optional[str]:
+        """The task adapter a model id selects (None = the base model); KeyError if unknown."""
+        if model_id == self.name:
+            return None
+        base, _, task = model_id.partition(":")
+        if base == self.name and task in self.adapters:
+            return task
+        raise KeyError(model_id)
+
+
+def find_export(path: str, model_name: Optional[str] = None) -> ExportInfo:
+    """Resolve a run directory (its `export/`) or an export directory; check that it is complete."""
+    given = Path(path).expanduser().absolute()
+    if not given.exists():
+        raise ConfigError(f"{path} does not exist: give a run directory (runs/<run>) or an export directory")
+    export = given / "export" if (given / "export").is_dir() else given
+    if not (export / "config.json").is_file():
+        hint = (
+            f" (it has checkpoints: export them with `distlm export {given}`)"
+            if (given / "checkpoints").is_dir()
+            else ""
+        )
+        raise ConfigError(
+            f"{path} holds no model export (no config.json in {export}){hint}: "
+            "give a run directory (runs/<run>) or an export directory"
+        )
+    if not any(export.glob("model*.safetensors")) and not any(export.glob("pytorch_model*.bin")):
+        raise ConfigError(f"{export} has a config.json but no weights (model.safetensors): re-export the run")
+    if not (export / "tokenizer.json").is_file() and not (export / "tokenizer_config.json").is_file():
+        raise ConfigError(f"{export} has no tokenizer files: re-export the run (distlm export) so it carries them")
+    name = model_name or (given.name if export == given and given.name != "export" else export.parent.name)
+    if ":" in name:
+        raise ConfigError(f"the model name {name!r} contains ':' (it separates model and task): set serve.model_name")
+    adapters = {}
+    root = export / ADAPTERS_DIR
+    for task_dir in sorted(root.iterdir()) if root.is_dir() else []:
+        if not task_dir.is_dir():
+            continue
+        weights = task_dir / "adapter_model.safetensors"
+        if not (task_dir / "adapter_config.json").is_file() or not weights.is_file():
+            raise ConfigError(
+                f"adapter {task_dir} is incomplete: it needs adapter_config.json and adapter_model.safetensors "
+                "(peft's save_pretrained layout); re-export it or remove the directory"
+            )
+        try:
+            json.loads((task_dir / "adapter_config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"{task_dir / 'adapter_config.json'} is not valid JSON ({e}): re-export the adapter"
+            ) from e
+        adapters[task_dir.name] = str(task_dir)
+    return ExportInfo(str(export), name, adapters)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: Sequence[str] = ()
+    seed: Optional[int] = None
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: List[int]
+    params: SamplingParams
+    adapter: Optional[str] = None  # a task adapter's name; None = the base model
+
+
+@dataclass
+class TokenEvent:
+    """One generated token: the text it completes (may be empty while held back) and, on the
+    request's last token, why it finished ("stop": EOS or a stop sequence, "length": max_tokens)."""
+
+    token_id: int
+    text: str
+    finish_reason: Optional[str] = None
+
+
+class ServedModel:
+    """The base model loaded once, with every task adapter (peft multi-adapter), on one device."""
+
+    def __init__(self, export: ExportInfo, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        self.export = export
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(export.path)
+        model = AutoModelForCausalLM.from_pretrained(export.path, dtype=dtype)
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.pad_id = next(
+            i
+            for i in (self.tokenizer.pad_token_id, model.config.pad_token_id, *sorted(self.eos_ids), 0)
+            if i is not None
+        )
+        self.context_length = int(
+            getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 0) or 0
+        )
+        if self.context_length <= 0:
+            raise ConfigError(f"{export.path}/config.json names no context length (max_position_embeddings)")
+        if export.adapters:
+            from peft import PeftModel
+
+            (first, first_path), *rest = export.adapters.items()
+            model = PeftModel.from_pretrained(model, first_path, adapter_name=first)
+            for task, path in rest:
+                model.load_adapter(path, adapter_name=task)
+        self.model = model.to(self.device).eval()
+        self.chat_template = self.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+
+    def encode(self, text: str) -> List[int]:
+        return self.tokenizer(text).input_ids
+
+    def encode_chat(self, messages: List[Dict[str, str]]) -> List[int]:
+        """The chat template's prompt for the assistant's next turn. Raises ValueError if the template refuses."""
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+            )
+        except TemplateError as e:
+            raise ValueError(f"the chat template rejected the messages: {e}") from e
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    @torch.inference_mode()
+    def steps(self, requests: List[GenerationRequest]) -> Iterator[List[Optional[TokenEvent]]]:
+        """Decode a batch together, one token per request per step. Each step yields one entry per
+        request: its new TokenEvent, or None once it has finished. Prompts are left-padded; rows
+        that finish leave the batch (and the KV cache) so the rest decode at their own size."""
+        streams = [_TextStream(self.tokenizer, r.params, self.eos_ids) for r in requests]
+        samplers = [_Sampler(r.params) for r in requests]
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.tensor([[self.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests])
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests])
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # peft's mixed-adapter batch: each row goes through its own adapter (or none).
+        adapter_names = [r.adapter or BASE_ADAPTER for r in requests] if self.export.adapters else None
+        active = list(range(len(requests)))  # batch row -> request index
+        cache = None
+        while active:
+            extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                **extra,
+            )
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :].float().cpu()
+            events: List[Optional[TokenEvent]] = [None] * len(requests)
+            tokens, keep = [], []
+            for row, i in enumerate(active):
+                token = samplers[i].pick(logits[row])
+                events[i] = streams[i].add(token)
+                tokens.append(token)
+                if events[i].finish_reason is None:
+                    keep.append(row)
+            yield events
+            if len(keep) < len(active):
+                if not keep:
+                    return
+                rows = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(rows)
+                mask, positions = mask[rows], positions[rows]
+                tokens = [tokens[r] for r in keep]
+                active = [active[r] for r in keep]
+                if adapter_names is not None:
+                    adapter_names = [adapter_names[r] for r in keep]
+            ids = torch.tensor(tokens, device=self.device)[:, None]
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+            positions = positions[:, -1:] + 1
+
+    def generate(self, requests: List[GenerationRequest]) -> List[List[TokenEvent]]:
+        """All events of each request (a convenience for tests and direct calls)."""
+        results: List[List[TokenEvent]] = [[] for _ in requests]
+        for events in self.steps(requests):
+            for i, event in enumerate(events):
+                if event is not None:
+                    results[i].append(event)
+        return results
+
+
+class _Sampler:
+    """Greedy at temperature 0; otherwise temperature + nucleus (top_p) sampling from a per-request
+    generator, so a seeded request samples the same tokens whatever else is in its batch."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.temperature, self.top_p = params.temperature, params.top_p
+        self.generator = torch.Generator()
+        if params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(params.seed)
+
+    def pick(self, logits: torch.Tensor) -> int:
+        if self.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            # Drop tokens once the mass before them already reaches top_p; the top token always stays.
+            drop = sorted_probs.cumsum(0) - sorted_probs >= self.top_p
+            drop[0] = False
+            sorted_probs[drop] = 0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class _TextStream:
+    """Turns one request's tokens into text deltas: holds back an incomplete UTF-8 character
+    and any tail that could still become a stop sequence, and cuts the text at a stop sequence
+    (which is not returned, as in the OpenAI API)."""
+
+    def __init__(self, tokenizer, params: SamplingParams, eos_ids: set) -> None:
+        self.tokenizer, self.stop, self.eos_ids = tokenizer, list(params.stop), eos_ids
+        self.max_tokens = params.max_tokens
+        self.ids: List[int] = []
+        self.count = 0
+        self.sent = 0  # characters of the decoded text already returned
+
+    def add(self, token: int) -> TokenEvent:
+        self.count += 1
+        is_eos = token in self.eos_ids
+        if not is_eos:
+            self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            end, finish = max(min(hits), self.sent), "stop"
+        elif is_eos:
+            end, finish = len(text), "stop"
+        elif self.count >= self.max_tokens:
+            end, finish = len(text), "length"
+        else:
+            end, finish = self._safe_end(text), None
+        delta, self.sent = text[self.sent : end], max(end, self.sent)
+        return TokenEvent(token, delta, finish)
+
+    def _safe_end(self, text: str) -> int:
+        end = len(text)
+        while end > self.sent and text[end - 1] == "\ufffd":  # bytes of a character still to come
+            end -= 1
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, end - self.sent), hold, -1):
+                if text[end - k : end] == s[:k]:
+                    hold = k
+                    break
+        return end - hold

@@ -1,0 +1,107 @@
+"""`distlm serve`: start (or join) Ray, run the app behind Ray Serve's HTTP proxy, block until Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+from typing import Optional, TextIO
+
+from distlm.config import ConfigError, ServeConfig
+from distlm.serve.app import build, resolve_api_key
+from distlm.serve.model import ExportInfo
+
+
+def base_url(cfg: ServeConfig) -> str:
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+    return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(
+                f"cannot listen on {host}:{port} ({e.strerror}): pick another port with serve.port=..."
+            ) from e
+
+
+def init_ray(cfg: ServeConfig, ray_address: Optional[str] = None) -> bool:
+    """Join the cluster at ray_address (or $RAY_ADDRESS), else start a local Ray. True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return False
+    _check_port_free(cfg.host, cfg.port)
+    needed = cfg.num_cpus * (cfg.max_replicas or cfg.num_replicas)
+    ray.init(num_cpus=max(math.ceil(needed), os.cpu_count() or 1))
+    return True
+
+
+def deploy(export: ExportInfo, cfg: ServeConfig) -> None:
+    """Start Serve's HTTP proxy and run the app; returns once the replicas answer."""
+    from ray import serve
+
+    # On a cluster where Serve already runs, its HTTP options stay as they are (Ray warns).
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build(export, cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+
+
+def stop(cfg: ServeConfig, started_ray: bool) -> None:
+    import ray
+    from ray import serve
+
+    if started_ray:
+        serve.shutdown()
+    else:  # a shared cluster: remove only our application
+        serve.delete(cfg.app_name)
+    ray.shutdown()
+
+
+def banner(export: ExportInfo, cfg: ServeConfig) -> str:
+    url = base_url(cfg)
+    body = json.dumps({"model": export.name, "prompt": "def main(", "max_tokens": 16})
+    auth = f" -H 'Authorization: Bearer '\"${cfg.api_key_env}\"" if resolve_api_key(cfg) else ""
+    lines = [
+        f"distlm serve: {url}/v1 (OpenAI-style API; Ray Serve app '{cfg.app_name}')",
+        f"models: {', '.join(export.model_ids)}",
+        "try:",
+        f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}",
+        f'  python -c \'from openai import OpenAI; print(OpenAI(base_url="{url}/v1", api_key="...")'
+        f'.completions.create(model="{export.name}", prompt="def main(").choices[0].text)\'',
+        "Ctrl-C stops the server.",
+    ]
+    return "\n".join(lines)
+
+
+def serve_forever(
+    export: ExportInfo, cfg: ServeConfig, ray_address: Optional[str] = None, out: TextIO = sys.stdout
+) -> None:
+    """Deploy, print where to send requests, and block; Ctrl-C or SIGTERM shut down cleanly."""
+
+    def terminate(*_) -> None:
+        raise KeyboardInterrupt
+
+    # Explicit handlers: a parent (nohup, a non-interactive shell's `&`) may have left SIGINT ignored.
+    signal.signal(signal.SIGINT, terminate)
+    signal.signal(signal.SIGTERM, terminate)
+    started_ray = init_ray(cfg, ray_address)
+    try:
+        deploy(export, cfg)
+        print(banner(export, cfg), file=out, flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("distlm serve: shutting down", file=out, flush=True)
+    finally:
+        stop(cfg, started_ray)
