@@ -414,7 +414,7 @@ def main() -> int:
     torch.set_num_threads(cores)
     # The peak is what the machine can do, so noise (a busy machine) only lowers a sample: keep the
     # best of several, taken before and between the variants (never while one runs).
-    peaks = [measure_matmul_peak(torch.device("cpu"), torch.float32, seconds=1.0) for _ in range(3)]
+    peaks = [measure_matmul_peak(torch.device("cpu"), torch.float32, trials=10) for _ in range(3)]
     tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
     load_before = os.getloadavg()[0]
     console.print(
@@ -436,7 +436,7 @@ def main() -> int:
             else:
                 status = f"{tokens_per_step / statistics.median(res.step_times[warmup:]):,.0f} tokens/s"
             console.print(f"    {status}" + ("" if math.isnan(res.wall_s) else f", wall {res.wall_s:.1f} s"))
-            peaks.append(measure_matmul_peak(torch.device("cpu"), torch.float32, seconds=1.0))
+            peaks.append(measure_matmul_peak(torch.device("cpu"), torch.float32, trials=10))
     except KeyboardInterrupt:  # the running variant was stopped in run_variant; report the finished ones
         console.print("[red]interrupted")
         interrupted = True

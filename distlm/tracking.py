@@ -124,19 +124,29 @@ def report_placement(sink, rank: int) -> None:
     sink.put_placement.remote(rank, info)
 
 
-def stop_requested(sink, rank: int, world: int, device: torch.device) -> bool:
-    """Whether the driver asked the run to stop: rank 0 asks the sink (one small remote call)
-    and broadcasts the answer, so every rank stops after the same step."""
-    flag = torch.zeros(1, device=device)
-    if rank == 0 and sink is not None:
+class StopSignal:
+    """Whether the driver asked the run to stop (SIGTERM), polled without blocking the step:
+    rank 0 keeps one query to the sink in flight and reports 1.0 once an answer says stop.
+    The loop sums the value over ranks with its per-step all-reduce, so every rank stops
+    after the same step."""
+
+    def __init__(self, sink, rank: int):
+        self.sink = sink if rank == 0 else None
+        self.pending = None
+
+    def poll(self) -> float:
+        if self.sink is None:
+            return 0.0
         import ray
 
-        flag.fill_(float(ray.get(sink.stop_requested.remote())))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.broadcast(flag, src=0)
-    return bool(flag.item())
+        if self.pending is not None:
+            ready, _ = ray.wait([self.pending], timeout=0)
+            if not ready:
+                return 0.0
+            if ray.get(self.pending):
+                return 1.0
+        self.pending = self.sink.stop_requested.remote()
+        return 0.0
 
 
 def read_metrics(path: str) -> List[Dict[str, Any]]:

@@ -28,7 +28,7 @@ from distlm.data.tasks import load_task
 from distlm.engine import Engine, resolve_runtime
 from distlm.evaluate import evaluate_tasks, validation_loss
 from distlm.models import build_model, flops_per_token
-from distlm.tracking import make_tracker, measure_matmul_peak, report_placement, stop_requested
+from distlm.tracking import StopSignal, make_tracker, measure_matmul_peak, report_placement
 
 
 def train_worker(config: Dict[str, Any]) -> None:
@@ -88,6 +88,7 @@ def train_worker(config: Dict[str, Any]) -> None:
     tracker = make_tracker(cfg.tracking, rank, cfg.run_dir, state.tracker_run_id, _flat_config(cfg), config.get("sink"))
     state.tracker_run_id = tracker.run_id
     peak_flops = measure_matmul_peak(engine.device, runtime.dtype)
+    stop = StopSignal(config.get("sink"), rank)
 
     if state.step == 0:  # the starting point of the curves (and the "before" of fine-tuning)
         tracker.log(evaluate(), 0)
@@ -107,7 +108,9 @@ def train_worker(config: Dict[str, Any]) -> None:
             mask = micro_batch.get("attention_mask")
             tokens += int(mask.sum()) if mask is not None else micro_batch["input_ids"].numel()
         state.step += 1
-        train_loss, step_tokens = _sum_over_ranks([loss_sum / engine.accum_steps, tokens], world)
+        train_loss, step_tokens, stop_votes = _sum_over_ranks(
+            [loss_sum / engine.accum_steps, tokens, stop.poll()], world
+        )
         train_loss /= world
         state.tokens_seen += int(step_tokens)
         elapsed = time.perf_counter() - start
@@ -133,7 +136,7 @@ def train_worker(config: Dict[str, Any]) -> None:
             state.sampler = batches.state_dict()
             save_checkpoint(engine, state, rank, world, metrics, cfg, list(tasks), probe)
         # Preemption (SIGTERM to the driver): every rank saves this step, unless just saved, and stops.
-        if not last and stop_requested(config.get("sink"), rank, world, engine.device):
+        if not last and stop_votes > 0:
             if state.step % tr.checkpoint_every != 0:
                 state.sampler = batches.state_dict()
                 save_checkpoint(engine, state, rank, world, metrics, cfg, list(tasks))
