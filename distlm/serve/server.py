@@ -90,6 +90,9 @@ def serve_forever(
     """Deploy, print where to send requests, and block; Ctrl-C or SIGTERM shut down cleanly."""
 
     def terminate(*_) -> None:
+        # Once: a second Ctrl-C (or SIGTERM from a wrapper) must not interrupt the shutdown.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     # Explicit handlers: a parent (nohup, a non-interactive shell's `&`) may have left SIGINT ignored.
