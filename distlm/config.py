@@ -318,6 +318,11 @@ def cluster_workers(
     return nodes * (cpus_per_node // max(cpus_per_worker, 1))
 
 
+def _positive(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{key}={value} must be a positive integer")
+
+
 def _choice(key: str, value: str, allowed: List[str]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not valid: use one of {', '.join(allowed)}")
@@ -363,8 +368,7 @@ def validate(cfg: Config) -> None:
         ("model.num_layers", m.num_layers),
         ("model.num_heads", m.num_heads),
     ]:
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be a positive integer")
+        _positive(key, value)
     per_step = c.num_workers * tr.micro_batch_size
     if tr.global_batch_size % per_step != 0:
         lower = max(per_step, tr.global_batch_size // per_step * per_step)
@@ -427,8 +431,7 @@ def validate_serve(s: ServeConfig) -> None:
         ("serve.default_max_tokens", s.default_max_tokens),
         ("serve.max_body_bytes", s.max_body_bytes),
     ]:
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be a positive integer")
+        _positive(key, value)
     if (s.min_replicas is None) != (s.max_replicas is None):
         raise ConfigError(
             "serve.min_replicas and serve.max_replicas go together: set both to autoscale, or neither for serve.num_replicas"
