@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 import torch
 
 from distlm.config import AdapterConfig
+from distlm.export import ADAPTERS_DIR
 
 SHARED = "shared"
 
@@ -86,4 +87,4 @@ def save_adapter_configs(model: torch.nn.Module, directory: str) -> None:
     """Each adapter's resolved peft config (adapters/<name>/adapter_config.json): what export
     needs to split a consolidated state dict into the base and peft adapters."""
     for name, config in model.peft_config.items():
-        config.save_pretrained(str(Path(directory) / "adapters" / name))
+        config.save_pretrained(str(Path(directory) / ADAPTERS_DIR / name))

@@ -110,12 +110,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Per-task loss and exact match of an export (with its adapters), in this process."""
     from distlm.config import ConfigError, compose
+    from distlm.export import find_export, load_exported
 
-    path = Path(args.run)
-    export = path / "export" if (path / "export" / "config.json").exists() else path
-    if not (export / "config.json").exists():
-        return _fail(f"{path} is neither a run directory with an export nor an export directory", EXIT_CONFIG)
     try:
+        found = find_export(args.run)
+        export, adapters = Path(found.path), list(found.adapters)
         # init_from is the model being evaluated here, not something to resolve.
         cfg, _ = compose([*args.overrides, "init_from=null"])
         # Unless told otherwise, evaluate the tasks (and seed: it picks the held-out split) of the run.
@@ -136,9 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         from distlm.data.tasks import load_task
         from distlm.evaluate import evaluate_tasks
-        from distlm.export import load_exported
 
-        adapters = sorted(p.name for p in (export / "adapters").glob("*") if p.is_dir())
         model = load_exported(str(export), adapters)
         tokenizer = AutoTokenizer.from_pretrained(export)
         template = tokenizer.apply_chat_template if tokenizer.chat_template else None

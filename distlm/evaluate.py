@@ -95,7 +95,7 @@ def evaluate_tasks(
                 loss_sum += float((per_token * mask).sum())
                 tokens += float(mask.sum())
 
-                prompts = [tokenizer(p, add_special_tokens=False).input_ids for (p, _), _ in chunk]
+                prompts = [ids[: labels.count(IGNORE)] for ids, labels in encoded]  # the masked prefix
                 ids, attention = _left_pad(prompts, pad_id)
                 out = model.generate(
                     input_ids=ids.to(device),

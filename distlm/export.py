@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -17,8 +18,10 @@ import torch
 from safetensors.torch import save_file
 
 from distlm.checkpoint import CheckpointError, verify
+from distlm.config import ConfigError
 
 MAX_SHARD_BYTES = 2 * 1024**3
+ADAPTERS_DIR = "adapters"  # export/adapters/<name>/: peft layout
 PEFT_PREFIX = "base_model.model."
 
 
@@ -102,7 +105,7 @@ def export_checkpoint(
     manifest = verify(checkpoint_dir)
     checkpoint = Path(checkpoint_dir)
     config = AutoConfig.from_pretrained(checkpoint_dir)
-    adapter_dirs = sorted(p for p in (checkpoint / "adapters").glob("*") if p.is_dir())
+    adapter_dirs = sorted(p for p in (checkpoint / ADAPTERS_DIR).glob("*") if p.is_dir())
     adapters = [p.name for p in adapter_dirs]
     wanted = set(_saved_names(config))
     out = Path(out_dir)
@@ -134,7 +137,7 @@ def export_checkpoint(
             if f.is_file():
                 shutil.copy(f, tmp / f.name)
     for adapter_dir in adapter_dirs:
-        target = tmp / "adapters" / adapter_dir.name
+        target = tmp / ADAPTERS_DIR / adapter_dir.name
         target.mkdir(parents=True)
         shutil.copy(adapter_dir / "adapter_config.json", target / "adapter_config.json")
         if not adapter_tensors[adapter_dir.name]:
@@ -171,7 +174,7 @@ def load_exported(export_dir: str, adapters: Optional[List[str]] = None):
         return model
     from peft import PeftModel
 
-    root = Path(export_dir) / "adapters"
+    root = Path(export_dir) / ADAPTERS_DIR
     peft_model = PeftModel.from_pretrained(model, str(root / adapters[0]), adapter_name=adapters[0])
     for name in adapters[1:]:
         peft_model.load_adapter(str(root / name), adapter_name=name)
@@ -234,3 +237,69 @@ def newest_checkpoint(run_dir: str) -> str:
         except CheckpointError:
             continue
     raise CheckpointError(f"no complete checkpoint under {root}: train first (distlm train hydra.run.dir={run_dir})")
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """Where an export lives and the names it is served under."""
+
+    path: str  # the export directory (config.json, weights, tokenizer)
+    name: str  # the base model's id in the API
+    adapters: Dict[str, str] = field(default_factory=dict)  # task -> adapter directory (peft layout)
+
+    @property
+    def model_ids(self) -> List[str]:
+        return [self.name] + [f"{self.name}:{task}" for task in self.adapters]
+
+    def adapter_for(self, model_id: str) -> Optional[str]:
+        """The task adapter a model id selects (None = the base model); KeyError if unknown."""
+        if model_id == self.name:
+            return None
+        base, _, task = model_id.partition(":")
+        if base == self.name and task in self.adapters:
+            return task
+        raise KeyError(model_id)
+
+
+def find_export(path: str, model_name: Optional[str] = None) -> ExportInfo:
+    """Resolve a run directory (its `export/`) or an export directory; check that it is complete."""
+    given = Path(path).expanduser().absolute()
+    if not given.exists():
+        raise ConfigError(f"{path} does not exist: give a run directory (runs/<run>) or an export directory")
+    export = given / "export" if (given / "export").is_dir() else given
+    if not (export / "config.json").is_file():
+        hint = (
+            f" (it has checkpoints: export them with `distlm export {given}`)"
+            if (given / "checkpoints").is_dir()
+            else ""
+        )
+        raise ConfigError(
+            f"{path} holds no model export (no config.json in {export}){hint}: "
+            "give a run directory (runs/<run>) or an export directory"
+        )
+    if not any(export.glob("model*.safetensors")) and not any(export.glob("pytorch_model*.bin")):
+        raise ConfigError(f"{export} has a config.json but no weights (model.safetensors): re-export the run")
+    if not (export / "tokenizer.json").is_file() and not (export / "tokenizer_config.json").is_file():
+        raise ConfigError(f"{export} has no tokenizer files: re-export the run (distlm export) so it carries them")
+    name = model_name or (given.name if export == given and given.name != "export" else export.parent.name)
+    if ":" in name:
+        raise ConfigError(f"the model name {name!r} contains ':' (it separates model and task): set serve.model_name")
+    adapters = {}
+    root = export / ADAPTERS_DIR
+    for task_dir in sorted(root.iterdir()) if root.is_dir() else []:
+        if not task_dir.is_dir():
+            continue
+        weights = task_dir / "adapter_model.safetensors"
+        if not (task_dir / "adapter_config.json").is_file() or not weights.is_file():
+            raise ConfigError(
+                f"adapter {task_dir} is incomplete: it needs adapter_config.json and adapter_model.safetensors "
+                "(peft's save_pretrained layout); re-export it or remove the directory"
+            )
+        try:
+            json.loads((task_dir / "adapter_config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"{task_dir / 'adapter_config.json'} is not valid JSON ({e}): re-export the adapter"
+            ) from e
+        adapters[task_dir.name] = str(task_dir)
+    return ExportInfo(str(export), name, adapters)

@@ -7,9 +7,7 @@ both drive `ServedModel.steps`. Greedy decoding (temperature 0) picks the same t
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -18,76 +16,10 @@ from distlm.config import ConfigError
 
 # Used when the tokenizer has no chat template of its own: the one fine-tuning used.
 from distlm.data.tasks import DEFAULT_CHAT_TEMPLATE
+from distlm.export import ExportInfo, find_export  # noqa: F401  (served exports are found there)
 
-ADAPTERS_DIR = "adapters"
 # peft's adapter name for "no adapter" in a mixed-adapter batch (adapter_names=[...]).
 BASE_ADAPTER = "__base__"
-
-
-@dataclass(frozen=True)
-class ExportInfo:
-    """Where an export lives and the names it is served under."""
-
-    path: str  # the export directory (config.json, weights, tokenizer)
-    name: str  # the base model's id in the API
-    adapters: Dict[str, str] = field(default_factory=dict)  # task -> adapter directory (peft layout)
-
-    @property
-    def model_ids(self) -> List[str]:
-        return [self.name] + [f"{self.name}:{task}" for task in self.adapters]
-
-    def adapter_for(self, model_id: str) -> Optional[str]:
-        """The task adapter a model id selects (None = the base model); KeyError if unknown."""
-        if model_id == self.name:
-            return None
-        base, _, task = model_id.partition(":")
-        if base == self.name and task in self.adapters:
-            return task
-        raise KeyError(model_id)
-
-
-def find_export(path: str, model_name: Optional[str] = None) -> ExportInfo:
-    """Resolve a run directory (its `export/`) or an export directory; check that it is complete."""
-    given = Path(path).expanduser().absolute()
-    if not given.exists():
-        raise ConfigError(f"{path} does not exist: give a run directory (runs/<run>) or an export directory")
-    export = given / "export" if (given / "export").is_dir() else given
-    if not (export / "config.json").is_file():
-        hint = (
-            f" (it has checkpoints: export them with `distlm export {given}`)"
-            if (given / "checkpoints").is_dir()
-            else ""
-        )
-        raise ConfigError(
-            f"{path} holds no model export (no config.json in {export}){hint}: "
-            "give a run directory (runs/<run>) or an export directory"
-        )
-    if not any(export.glob("model*.safetensors")) and not any(export.glob("pytorch_model*.bin")):
-        raise ConfigError(f"{export} has a config.json but no weights (model.safetensors): re-export the run")
-    if not (export / "tokenizer.json").is_file() and not (export / "tokenizer_config.json").is_file():
-        raise ConfigError(f"{export} has no tokenizer files: re-export the run (distlm export) so it carries them")
-    name = model_name or (given.name if export == given and given.name != "export" else export.parent.name)
-    if ":" in name:
-        raise ConfigError(f"the model name {name!r} contains ':' (it separates model and task): set serve.model_name")
-    adapters = {}
-    root = export / ADAPTERS_DIR
-    for task_dir in sorted(root.iterdir()) if root.is_dir() else []:
-        if not task_dir.is_dir():
-            continue
-        weights = task_dir / "adapter_model.safetensors"
-        if not (task_dir / "adapter_config.json").is_file() or not weights.is_file():
-            raise ConfigError(
-                f"adapter {task_dir} is incomplete: it needs adapter_config.json and adapter_model.safetensors "
-                "(peft's save_pretrained layout); re-export it or remove the directory"
-            )
-        try:
-            json.loads((task_dir / "adapter_config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(
-                f"{task_dir / 'adapter_config.json'} is not valid JSON ({e}): re-export the adapter"
-            ) from e
-        adapters[task_dir.name] = str(task_dir)
-    return ExportInfo(str(export), name, adapters)
 
 
 @dataclass
