@@ -59,6 +59,8 @@ def _node_line() -> str:
 class SlurmCluster:
     root: Path
     node: str = ""
+    # Slurm's recommended tracking: non-KILL signals to a step reach its task only.
+    proctrack: str = "proctrack/cgroup"
     env: Dict[str, str] = field(default_factory=dict)
     procs: List[subprocess.Popen] = field(default_factory=list)
 
@@ -91,14 +93,16 @@ class SlurmCluster:
                     "SlurmdUser=root",
                     "AuthType=auth/munge",
                     "CredType=cred/munge",
-                    f"AuthInfo=socket={socket_path}",
+                    # cred_expire: how long a requeued job is held (and its old credential
+                    # revoked); 120 s by default, short here so the requeue tests do not wait.
+                    f"AuthInfo=socket={socket_path},cred_expire=10",
                     f"StateSaveLocation={root / 'state'}",
                     f"SlurmdSpoolDir={root / 'spool'}",
                     f"SlurmctldPidFile={root / 'slurmctld.pid'}",
                     f"SlurmdPidFile={root / 'slurmd.pid'}",
                     f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
                     f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
-                    "ProctrackType=proctrack/linuxproc",
+                    f"ProctrackType={self.proctrack}",
                     "TaskPlugin=task/none",
                     "JobAcctGatherType=jobacct_gather/none",
                     "AccountingStorageType=accounting_storage/none",
@@ -119,6 +123,9 @@ class SlurmCluster:
                 ]
             )
         )
+        if self.proctrack == "proctrack/cgroup":
+            # slurmd reads cgroup.conf beside slurm.conf; no systemd here to create scopes.
+            (root / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nIgnoreSystemd=yes\n")
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._spawn(
             [

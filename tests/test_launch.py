@@ -388,3 +388,43 @@ def test_dockerfiles_install_distlm_on_the_pinned_torch(name):
     # The manifests' default image is the tag the README builds.
     assert "docker build -f docker/Dockerfile -t distlm:latest ." in (REPO / "README.md").read_text()
     assert compose(["cluster=k8s"])[0].cluster.k8s.image == "distlm:latest"
+
+
+def test_ray_node_wrapper_relays_sigterm_and_stops_on_sigusr1(tmp_path):
+    """The Ray node step's task: SIGTERM goes to the batch script (`scancel --batch`, here a
+    stand-in on PATH) while the node keeps running; SIGUSR1 stops the node, exit code 0."""
+    import signal
+    import time
+
+    calls = tmp_path / "scancel.calls"
+    fake = tmp_path / "bin" / "scancel"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    node = tmp_path / "node.pid"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "SLURM_JOB_ID": "42"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "distlm.launch.ray_nodes",
+        "node",
+        "--",
+        "sh",
+        "-c",
+        f"echo $$ > {node}; exec sleep 300",
+    ]
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not node.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # relayed once
+        time.sleep(1)
+        assert proc.poll() is None
+        os.kill(int(node.read_text()), 0)  # the node is still up
+        assert calls.read_text().splitlines() == ["--batch --signal=TERM 42"]
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()

@@ -52,12 +52,6 @@ def slurm():
         shutil.rmtree(cluster.root, ignore_errors=True)
 
 
-def scontrol(*args: str) -> str:
-    result = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -127,18 +121,26 @@ def test_failed_job_reaches_the_user(slurm, tmp_path):
     assert "distlm: training exited with code 2" in result.stdout
 
 
-def test_sigterm_checkpoints_and_the_requeued_job_resumes(slurm, completed, tmp_path):
+@pytest.mark.parametrize(
+    "scancel",
+    [
+        # The user's kill: Slurm signals the job steps (the Ray nodes), whose wrapper relays it.
+        ["--signal=TERM"],
+        # What Slurm does before preemption or the time limit (#SBATCH --signal=B:TERM@<grace>).
+        ["--batch", "--signal=TERM"],
+    ],
+    ids=["steps", "batch"],
+)
+def test_sigterm_checkpoints_and_the_requeued_job_resumes(slurm, completed, tmp_path, scancel):
     run_dir = tmp_path / "run"
     submitted = run_cli("launch", "slurm", *RUN, f"hydra.run.dir={run_dir}", timeout=120)
     assert submitted.returncode == 0, submitted.stderr
     job = Job(submitted.stdout.strip(), run_dir)
     wait_for(lambda: len(train_losses(run_dir)) >= 1, 600, "the first step")
-    # What Slurm does before preemption or the time limit (#SBATCH --signal=B:TERM@<grace>).
-    subprocess.run(["scancel", "--batch", "--signal=TERM", job.job_id], check=True, timeout=60)
+    subprocess.run(["scancel", *scancel, job.job_id], check=True, timeout=60)
     wait_for(lambda: job_state(job.job_id)["Restarts"] == "1", 300, "the job to be requeued")
-    assert job_state(job.job_id)["JobState"] in ("PENDING", "REQUEUED", "CONFIGURING", "RUNNING")
-    # Slurm holds a requeued job for 120 s before it may start again; let it start now.
-    scontrol("update", f"jobid={job.job_id}", "StartTime=now")
+    assert job_state(job.job_id)["JobState"] in ("COMPLETING", "PENDING", "REQUEUED", "CONFIGURING", "RUNNING")
+    # Slurm holds the requeued job for cred_expire (10 s in the test cluster) and starts it.
     with open(tmp_path / "follow.log", "w") as out:
         assert follow(job, out=out, poll_s=1) == 0, job.log.read_text()[-3000:]
 
@@ -148,6 +150,9 @@ def test_sigterm_checkpoints_and_the_requeued_job_resumes(slurm, completed, tmp_
     step = int(stopped[0].split("at step ")[1].split()[0])
     assert 1 <= step < 60
     assert "requeueing job" in log and "(restart 1)" in log
+    if "--batch" not in scancel:
+        ray_logs = "".join(f.read_text() for f in run_dir.glob(f"slurm-{job.job_id}-ray-*.out"))
+        assert "SIGTERM to the Ray node step: relayed" in ray_logs, ray_logs[-3000:]
     # The SIGTERM checkpoint (not a periodic one) is what the requeued job resumed from: each
     # step ran once, and the losses equal those of the uninterrupted run.
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [f"step_{step:08d}", "step_00000060"]

@@ -4,12 +4,16 @@ address                            this node's IP (as Ray detects it) and a free
 port                               a free TCP port on this node
 wait ADDRESS COUNT TIMEOUT [PID..] wait until COUNT Ray nodes are alive in the cluster at
                                    ADDRESS; fail at once if a PID (a node's srun step) exits
+node -- CMD..                      run a Ray node (CMD: `ray start --block ...`) as the task of a
+                                   job step: see run_node
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from typing import List
@@ -73,6 +77,43 @@ def wait_for_nodes(address: str, count: int, timeout_s: float, pids: List[int] =
     raise TimeoutError(f"only {alive} of {count} Ray nodes joined {address} within {timeout_s:.0f}s")
 
 
+def run_node(cmd: List[str], stop_grace_s: float = 30) -> int:
+    """Run a Ray node as a job step's task and shield it from the step's SIGTERM.
+
+    `scancel --signal=TERM <job>` signals the job's steps, not the batch script that holds the
+    driver; with proctrack/cgroup Slurm delivers it to the step's task only (this process),
+    not to Ray's processes below it. It is relayed to the batch script
+    (`scancel --batch --signal=TERM`), which has the run save a checkpoint and requeues the job,
+    while this Ray node keeps serving the workers until then. SIGUSR1 (from the batch script,
+    through srun, once training has ended) stops the node."""
+    child = subprocess.Popen(cmd)
+    state = {"relayed": False, "stopping": False}
+
+    def relay(signum, frame) -> None:
+        job = os.environ.get("SLURM_JOB_ID")
+        if state["relayed"] or state["stopping"] or not job:
+            return
+        state["relayed"] = True
+        print(f"distlm: SIGTERM to the Ray node step: relayed to job {job}'s batch script", file=sys.stderr, flush=True)
+        subprocess.run(["scancel", "--batch", "--signal=TERM", job], timeout=60)
+
+    def stop(signum, frame) -> None:
+        if not state["stopping"]:
+            state["stopping"] = time.monotonic()
+            child.terminate()  # `ray start --block` stops the node's processes on SIGTERM
+
+    signal.signal(signal.SIGTERM, relay)
+    signal.signal(signal.SIGUSR1, stop)
+    while True:
+        try:
+            rc = child.wait(timeout=1)
+            break
+        except subprocess.TimeoutExpired:
+            if state["stopping"] and time.monotonic() - state["stopping"] > stop_grace_s:
+                child.kill()
+    return 0 if state["stopping"] else rc
+
+
 def main(argv: List[str]) -> int:
     if argv == ["address"]:
         print(head_address())
@@ -89,6 +130,8 @@ def main(argv: List[str]) -> int:
             return 1
         print(f"distlm: {alive} Ray node(s) alive at {address}")
         return 0
+    if argv[:1] == ["node"] and argv[1:2] == ["--"] and len(argv) > 2:
+        return run_node(argv[2:])
     print(__doc__, file=sys.stderr)
     return 2
 
