@@ -24,7 +24,46 @@ def adapter_names(cfg: AdapterConfig, tasks: List[str]) -> List[str]:
     return [SHARED] if cfg.name == "lora" else []
 
 
-def lora_config(cfg: AdapterConfig):
+def is_adapter_param(name: str, adapter: Optional[str] = None) -> bool:
+    """A LoRA weight or an adapter's own copy of a fully trained module (of `adapter`, if given)."""
+    if "lora_" not in name and ".modules_to_save." not in name:
+        return False
+    return adapter is None or f".{adapter}." in name
+
+
+def _tied_head(model: torch.nn.Module) -> bool:
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embeddings is not None and head.weight is embeddings.weight
+
+
+def modules_to_save(model: torch.nn.Module, cfg: AdapterConfig) -> List[str]:
+    """The full names of the modules each adapter trains a copy of (adapter.modules_to_save
+    resolved on this model); ValueError naming the entry that matches nothing."""
+    found = set()
+    for item in cfg.modules_to_save:
+        if item == "embeddings":
+            head = model.get_output_embeddings() if _tied_head(model) else None
+            names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding) or m is head]
+        elif item == "norms":
+            names = [
+                n
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith(("RMSNorm", "LayerNorm"))
+            ]
+        else:
+            names = [n for n, _ in model.named_modules() if n and (n == item or n.endswith("." + item))]
+        if not names:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} - {""})
+            examples = ", ".join([leaf for leaf in leaves if not leaf.isdigit()][:10])
+            raise ValueError(
+                f"adapter.modules_to_save: {item!r} matches no module of this {type(model).__name__}: use "
+                f"embeddings, norms, or module names it has ({examples}, ...)"
+            )
+        found.update(names)
+    return sorted(found)
+
+
+def lora_config(cfg: AdapterConfig, save: Optional[List[str]] = None):
     from peft import LoraConfig
 
     targets = cfg.target_modules
@@ -33,6 +72,7 @@ def lora_config(cfg: AdapterConfig):
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=targets[0] if targets == ["all-linear"] else list(targets),
+        modules_to_save=list(save) if save else None,
         task_type="CAUSAL_LM",
     )
 
@@ -44,12 +84,20 @@ def apply_adapters(model: torch.nn.Module, cfg: AdapterConfig, tasks: List[str])
         return model
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, lora_config(cfg), adapter_name=names[0])
+    save = modules_to_save(model, cfg)
+    tied = _tied_head(model)
+    peft_model = get_peft_model(model, lora_config(cfg, save), adapter_name=names[0])
     for name in names[1:]:
-        peft_model.add_adapter(name, lora_config(cfg))
+        peft_model.add_adapter(name, lora_config(cfg, save))
+    head, embeddings = peft_model.get_output_embeddings(), peft_model.get_input_embeddings()
+    if tied and hasattr(head, "modules_to_save") and hasattr(embeddings, "modules_to_save"):
+        # Each adapter's output head copy stays tied to its embedding copy, as in the base
+        # (peft's ensure_weight_tying covers only the first adapter).
+        for name in names:
+            head.modules_to_save[name].weight = embeddings.modules_to_save[name].weight
     # Every adapter trainable while DeepSpeed builds its optimizer groups over them.
     for param_name, param in peft_model.named_parameters():
-        if "lora_" in param_name:
+        if is_adapter_param(param_name):
             param.requires_grad_(True)
     return peft_model
 
@@ -63,6 +111,11 @@ def activate(model: torch.nn.Module, cfg: AdapterConfig, task: Optional[str]) ->
     """
     if cfg.name == "per_task_lora" and task is not None:
         model.set_adapter(task)
+        # peft's set_adapter unfreezes the new adapter's module copies (modules_to_save) but
+        # freezes only the previously active adapter's: freeze every other adapter here.
+        for name, param in model.named_parameters():
+            if is_adapter_param(name):
+                param.requires_grad_(is_adapter_param(name, task))
 
 
 def param_groups(model: torch.nn.Module, cfg: AdapterConfig, tasks: List[str], weight_decay: float) -> List[Dict]:
@@ -74,7 +127,7 @@ def param_groups(model: torch.nn.Module, cfg: AdapterConfig, tasks: List[str], w
         return default_groups(model, weight_decay)
     groups = []
     for task in tasks:
-        params = [p for n, p in model.named_parameters() if f".{task}." in n and "lora_" in n]
+        params = [p for n, p in model.named_parameters() if is_adapter_param(n, task)]
         groups.append({"params": params, "weight_decay": 0.0, "skip_when_idle": True, "name": task})
     return groups
 

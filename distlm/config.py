@@ -234,6 +234,10 @@ class AdapterConfig:
     dropout: float = 0.0
     # Module names to adapt; "all-linear" = every linear layer but the output head (peft).
     target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    # Modules trained in full, one copy per adapter (peft modules_to_save): `embeddings` (every
+    # embedding table, and the output head tied to one), `norms` (every normalization layer),
+    # or module names. Small bases need them; on large vocabularies each copy is big.
+    modules_to_save: List[str] = field(default_factory=list)
     # Also export merged weights (base + adapter) per adapter.
     export_merged: bool = False
 
@@ -476,6 +480,11 @@ def _validate_tasks(tasks: TasksConfig, adapter: AdapterConfig, trainer: Trainer
             raise ConfigError(
                 "adapter.target_modules is empty: name the modules to adapt (e.g. [c_attn,c_fc]) or use [all-linear]"
             )
+    elif adapter.modules_to_save:
+        raise ConfigError(
+            "adapter.modules_to_save is for LoRA adapters (adapter=lora|per_task_lora); adapter=none trains every "
+            "module already: remove it"
+        )
     for name, task in tasks.tasks.items():
         key = f"task.tasks.{name}"
         if task.generator is None and task.path is None:

@@ -47,7 +47,11 @@ def _split(name: str, adapters: List[str]) -> Tuple[Optional[str], str]:
         marker = f".{adapter}."
         if ".lora_" in name and marker in name:
             return adapter, PEFT_PREFIX + name.replace(marker, ".")
-    return None, name.replace(".base_layer.", ".")
+        # An adapter's copy of a fully trained module (modules_to_save) is saved under the module's own name.
+        copy = f".modules_to_save{marker}"
+        if copy in name:
+            return adapter, PEFT_PREFIX + name.replace(copy, ".")
+    return None, name.replace(".base_layer.", ".").replace(".original_module.", ".")
 
 
 class _ShardWriter:

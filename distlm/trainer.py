@@ -133,6 +133,8 @@ def _prepare_inputs(cfg: Config, console):
             task = load_task(name, task_cfg, cfg.trainer.seed, template)
             skipped = f", {task.skipped} malformed lines skipped" if task.skipped else ""
             console.log(f"task {name}: {len(task.train)} train / {len(task.eval)} held-out examples{skipped}")
+        if cfg.adapter.modules_to_save:
+            _check_modules_to_save(source, cfg)
         console.log(f"fine-tuning {source} on tasks {', '.join(cfg.task.tasks)} with adapter={cfg.adapter.name}")
         return None, source
     from distlm.data import prepare_data
@@ -143,6 +145,21 @@ def _prepare_inputs(cfg: Config, console):
     if cfg.model.pretrained is None and cfg.init_from is None:
         build_config(cfg.model, data.vocab_size, cfg.data.seq_len, data.eos_token_id)
     return data, data.tokenizer_dir
+
+
+def _check_modules_to_save(source: str, cfg: Config) -> None:
+    """adapter.modules_to_save against the pretrained model's modules (a weightless skeleton)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from distlm.adapters import modules_to_save
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    try:
+        modules_to_save(skeleton, cfg.adapter)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _save_config(cfg: Config, run_dir: Path) -> None:
