@@ -123,7 +123,8 @@ def export_checkpoint(
     for name, tensor in iter_fp32_state_dict(checkpoint_dir, manifest["zero_stage"]):
         adapter, name = _split(name, adapters)
         if adapter is not None:
-            adapter_tensors[adapter][name] = tensor.contiguous()
+            # A copy: tied module copies (embedding and head) arrive as one shared tensor.
+            adapter_tensors[adapter][name] = tensor.clone()
         elif name in wanted and name not in found:
             found.add(name)
             base.add(name, tensor)

@@ -93,7 +93,15 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
 
     from distlm.export import export_checkpoint
 
-    info = export_checkpoint(checkpoint, str(run_dir / "export"), str(tokenizer_dir), merged=cfg.adapter.export_merged)
+    try:
+        info = export_checkpoint(
+            checkpoint, str(run_dir / "export"), str(tokenizer_dir), merged=cfg.adapter.export_merged
+        )
+    except Exception as e:
+        raise RuntimeError(
+            f"training finished but the export failed ({type(e).__name__}: {e}); the checkpoint {checkpoint} "
+            f"is complete: `distlm export {run_dir}` retries the export"
+        ) from e
     console.log(
         f"export: {run_dir / 'export'} (max |logit diff| vs trained model {info.get('probe_max_abs_diff', float('nan')):.1e})"
     )

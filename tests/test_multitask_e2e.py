@@ -125,6 +125,8 @@ def test_shared_lora_and_full_finetuning_zero2(adapter, pretrained, tmp_path, ra
     run_dir = tmp_path / "run"
     overrides = [
         f"adapter={adapter}",
+        # The shared adapter also with module copies: ZeRO-2 hands tied copies as one tensor.
+        *(["adapter.modules_to_save=[embeddings,norms]"] if adapter == "lora" else []),
         "zero=zero2",
         f"init_from={pretrained}",
         "trainer.max_steps=4",

@@ -6,7 +6,7 @@ overload answered 503 with Retry-After, bearer auth, and `distlm serve` end to e
 
 The model is a tiny random-init GPT-2 saved with transformers in an export's layout, plus
 two LoRA adapters saved by peft under export/adapters/<task>/ (random init, different
-seeds, so each changes the output).
+seeds, so each changes the output; one also with its own embedding, head and norm copies).
 """
 
 from __future__ import annotations
@@ -87,10 +87,18 @@ def run_dir(tmp_path_factory) -> Path:
     )
     GPT2LMHeadModel(config).save_pretrained(export)
     AutoTokenizer.from_pretrained(data.tokenizer_dir).save_pretrained(export)
-    for seed, task in enumerate(["alpha", "beta"]):
+    # beta also has its own copies of the embeddings, head and final norm (modules_to_save).
+    for seed, (task, copies) in enumerate([("alpha", None), ("beta", ["wte", "lm_head", "ln_f"])]):
         torch.manual_seed(100 + seed)
-        lora = LoraConfig(r=8, lora_alpha=32, target_modules=["c_attn", "c_proj"], init_lora_weights=False)
-        get_peft_model(GPT2LMHeadModel.from_pretrained(export), lora).save_pretrained(export / "adapters" / task)
+        lora = LoraConfig(
+            r=8, lora_alpha=32, target_modules=["c_attn", "c_proj"], modules_to_save=copies, init_lora_weights=False
+        )
+        model = get_peft_model(GPT2LMHeadModel.from_pretrained(export), lora)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".modules_to_save." in name:
+                    param.add_(0.2 * torch.randn_like(param))
+        model.save_pretrained(export / "adapters" / task)
     return root
 
 

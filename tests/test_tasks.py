@@ -260,6 +260,7 @@ def test_idle_adapter_groups_are_left_untouched():
     [
         (["adapter=per_task_lora"], "adapter=per_task_lora"),
         (["task=suite", "adapter=lora", "adapter.target_modules=[]"], "adapter.target_modules"),
+        (["task=suite", "adapter=none", "adapter.modules_to_save=[norms]"], "adapter.modules_to_save"),
         (["task=suite", "task.mixture=weights"], "task.mixture=weights"),
         (["task=suite", "task.mixture=weights", "+task.weights.nope=1"], "task.weights"),
         (["task=jsonl"], "task.tasks.mine.path"),
@@ -280,3 +281,23 @@ def test_multitask_recipe_composes(tmp_path):
     assert cfg.adapter.name == "per_task_lora"
     assert set(cfg.task.tasks) == {"addition", "reversal", "sorting", "kv_lookup"}
     assert math.isclose(sum(mixture_weights(cfg.task, {t: 1 for t in cfg.task.tasks}).values()), 1.0)
+
+
+def test_modules_to_save_naming_no_module_fails_before_launch(tmp_path):
+    """A module name the pretrained model lacks: exit 2 with the names it has, before Ray starts."""
+    from conftest import run_cli
+
+    model_dir = tmp_path / "pretrained"
+    _tiny_pretrained(model_dir)
+    result = run_cli(
+        "train",
+        "task=suite",
+        "adapter=per_task_lora",
+        "adapter.modules_to_save=[embeddings,embed_tokens]",
+        f"init_from={model_dir}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "adapter.modules_to_save: 'embed_tokens' matches no module" in result.stderr
+    assert "lm_head" in result.stderr  # names the model has
