@@ -79,6 +79,7 @@ class ServedModel:
             model = PeftModel.from_pretrained(model, first_path, adapter_name=first)
             for task, path in rest:
                 model.load_adapter(path, adapter_name=task)
+            _mix_module_copies(model)
         self.model = model.to(self.device).eval()
         self.chat_template = self.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
 
@@ -225,3 +226,30 @@ class _TextStream:
                     hold = k
                     break
         return end - hold
+
+
+def _mix_module_copies(model) -> None:
+    """Mixed-adapter batches through the adapters' module copies (modules_to_save).
+
+    peft routes each row of a mixed batch through its adapter's copy of such a module, but
+    only for Linear/Embedding/Conv modules, and fails for an adapter that has no copy. Norm
+    layers work row by row as well, so every copy takes its rows here; an adapter without a
+    copy (or a row without an adapter) goes through the base module."""
+    import types
+
+    from peft.utils import ModulesToSaveWrapper
+
+    def mixed_batch_forward(self, x, *args, adapter_names: List[str], **kwargs):
+        out = None
+        for name in dict.fromkeys(adapter_names):
+            rows = [i for i, a in enumerate(adapter_names) if a == name]
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            y = module(x[rows], *args, **kwargs)
+            if out is None:
+                out = y.new_empty((len(adapter_names), *y.shape[1:]))
+            out[rows] = y
+        return out
+
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            module._mixed_batch_forward = types.MethodType(mixed_batch_forward, module)
