@@ -58,6 +58,7 @@ def train_worker(config: Dict[str, Any]) -> None:
 
     model = build_model(cfg.model, vocab_size, seq_len, eos_id, tr.seed, cfg.init_from)
     model_flops_per_token = flops_per_token(model, seq_len)
+    torch.manual_seed(tr.seed)  # adapter initialisation: the same in every run and on every rank
     model = adapters.apply_adapters(model, cfg.adapter, list(tasks))
     groups = adapters.param_groups(model, cfg.adapter, list(tasks), tr.weight_decay)
     engine = Engine(model, cfg.zero, tr, runtime, world, groups)
