@@ -50,6 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail(str(e), EXIT_CONFIG)
     except trainer.Preempted as e:
         return _fail(str(e), EXIT_PREEMPTED)
+    except trainer.ExportFailed as e:
+        return _fail(str(e), 1)
     except KeyboardInterrupt:
         return _fail(
             f"interrupted; continue with: distlm train {' '.join(args.overrides)} hydra.run.dir={run_dir}", 130

@@ -98,7 +98,7 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
             checkpoint, str(run_dir / "export"), str(tokenizer_dir), merged=cfg.adapter.export_merged
         )
     except Exception as e:
-        raise RuntimeError(
+        raise ExportFailed(
             f"training finished but the export failed ({type(e).__name__}: {e}); the checkpoint {checkpoint} "
             f"is complete: `distlm export {run_dir}` retries the export"
         ) from e
@@ -176,6 +176,10 @@ def _save_config(cfg: Config, run_dir: Path) -> None:
 
     (run_dir / ".hydra").mkdir(exist_ok=True)
     (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+class ExportFailed(Exception):
+    """Training finished with a complete checkpoint; writing its export did not."""
 
 
 class Preempted(Exception):

@@ -59,8 +59,6 @@ def _node_line() -> str:
 class SlurmCluster:
     root: Path
     node: str = ""
-    # Slurm's recommended tracking: non-KILL signals to a step reach its task only.
-    proctrack: str = "proctrack/cgroup"
     env: Dict[str, str] = field(default_factory=dict)
     procs: List[subprocess.Popen] = field(default_factory=list)
 
@@ -102,7 +100,8 @@ class SlurmCluster:
                     f"SlurmdPidFile={root / 'slurmd.pid'}",
                     f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
                     f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
-                    f"ProctrackType={self.proctrack}",
+                    # Slurm's recommended tracking: non-KILL signals to a step reach its task only.
+                    "ProctrackType=proctrack/cgroup",
                     "TaskPlugin=task/none",
                     "JobAcctGatherType=jobacct_gather/none",
                     "AccountingStorageType=accounting_storage/none",
@@ -123,9 +122,8 @@ class SlurmCluster:
                 ]
             )
         )
-        if self.proctrack == "proctrack/cgroup":
-            # slurmd reads cgroup.conf beside slurm.conf; no systemd here to create scopes.
-            (root / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nIgnoreSystemd=yes\n")
+        # slurmd reads cgroup.conf beside slurm.conf; no systemd here to create scopes.
+        (root / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nIgnoreSystemd=yes\n")
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._spawn(
             [

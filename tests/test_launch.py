@@ -428,3 +428,14 @@ def test_ray_node_wrapper_relays_sigterm_and_stops_on_sigusr1(tmp_path):
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
+
+
+def test_ray_node_wrapper_names_a_command_it_cannot_start():
+    result = subprocess.run(
+        [sys.executable, "-m", "distlm.launch.ray_nodes", "node", "--", "no-such-ray", "start"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 127
+    assert "cannot start the Ray node (no-such-ray start)" in result.stderr

@@ -86,7 +86,11 @@ def run_node(cmd: List[str], stop_grace_s: float = 30) -> int:
     (`scancel --batch --signal=TERM`), which has the run save a checkpoint and requeues the job,
     while this Ray node keeps serving the workers until then. SIGUSR1 (from the batch script,
     through srun, once training has ended) stops the node."""
-    child = subprocess.Popen(cmd)
+    try:
+        child = subprocess.Popen(cmd)
+    except OSError as e:
+        print(f"distlm: error: cannot start the Ray node ({' '.join(cmd)}): {e}", file=sys.stderr)
+        return 127
     state = {"relayed": False, "stopping": False}
 
     def relay(signum, frame) -> None:
