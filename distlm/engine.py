@@ -1,8 +1,8 @@
-"""The only module that imports DeepSpeed: ds_config, initialize, backward/step, save/load, export.
+"""The only module that imports DeepSpeed: ds_config, sharded model construction (ZeRO-3),
+initialize, backward/step, save/load, export.
 
-The training loop talks to an `Engine`; it never sees DeepSpeed. Backend and precision
-are resolved from the cluster config and the hardware ("auto": gloo+fp32 on CPU,
-nccl+bf16 on GPU).
+The training loop talks to an `Engine`; it never sees DeepSpeed. Device, backend and
+precision come from distlm.runtime.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import contextlib
 import io
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, ContextManager, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from distlm.config import ClusterConfig, ConfigError, TrainerConfig, ZeroConfig
+from distlm.config import ConfigError, TrainerConfig, ZeroConfig
+from distlm.runtime import Runtime
 
 # DeepSpeed picks its accelerator at import time; without a GPU it must be told "cpu"
 # before the import, or it probes for CUDA and fails on CPU-only workers.
@@ -27,35 +27,6 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 
 CHECKPOINT_TAG = "state"
-
-
-@dataclass(frozen=True)
-class Runtime:
-    device: str  # cpu | cuda
-    backend: str  # gloo | nccl
-    precision: str  # fp32 | bf16 | fp16
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
-
-
-def resolve_runtime(cluster: ClusterConfig, cuda_available: Optional[bool] = None) -> Runtime:
-    """Turn the 'auto' settings into concrete ones for the hardware at hand."""
-    if cuda_available is None:
-        cuda_available = torch.cuda.is_available()
-    device = cluster.device
-    if device == "auto":
-        device = "cuda" if cuda_available else "cpu"
-    if device == "cuda" and not cuda_available:
-        raise ConfigError("cluster.device=cuda but no GPU is visible: use cluster.device=auto or cpu")
-    backend = cluster.backend if cluster.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
-    if backend == "nccl" and device == "cpu":
-        raise ConfigError("cluster.backend=nccl needs GPUs: use cluster.backend=gloo (or auto) on CPU")
-    precision = cluster.precision if cluster.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
-    if device == "cpu" and precision == "fp16":
-        raise ConfigError("cluster.precision=fp16 is not supported on CPU: use fp32 or bf16")
-    return Runtime(device=device, backend=backend, precision=precision)
 
 
 def build_ds_config(zero: ZeroConfig, trainer: TrainerConfig, runtime: Runtime, world_size: int) -> Dict[str, Any]:
@@ -120,15 +91,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 class IdleSkippingAdamW(torch.optim.AdamW):
     """AdamW that leaves a group marked `skip_when_idle` untouched (weights, moments, step
-    count, weight decay) when all its gradients are zero: a per-task adapter changes only
-    on its own task's steps. DeepSpeed keeps one flat partition per group, so whole groups
-    are skipped exactly."""
+    count, weight decay) unless it is named in `active`: a per-task adapter changes only on
+    its own task's steps. The loop names the active group, so no gradient has to be read
+    (no host synchronisation) to find the idle ones. DeepSpeed keeps one flat partition per
+    group, so whole groups are skipped exactly."""
+
+    active: Optional[set] = None  # names of the groups that trained this step; None = all
 
     @torch.no_grad()
     def step(self, closure=None):
         hidden = []
         for group in self.param_groups:
-            if group.get("skip_when_idle") and all(p.grad is None or not p.grad.any() for p in group["params"]):
+            if group.get("skip_when_idle") and self.active is not None and group.get("name") not in self.active:
                 hidden.append((group, [p.grad for p in group["params"]]))
                 for p in group["params"]:
                     p.grad = None  # AdamW skips parameters without a gradient
@@ -141,20 +115,40 @@ class IdleSkippingAdamW(torch.optim.AdamW):
 
 
 class Engine:
-    """Facade over a DeepSpeed engine: forward, backward, step, save, load."""
+    """Facade over a DeepSpeed engine: forward, backward, step, save, load.
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        zero: ZeroConfig,
-        trainer: TrainerConfig,
-        runtime: Runtime,
-        world_size: int,
-        groups: Optional[List[Dict[str, Any]]] = None,
-    ):
-        self.runtime = runtime
-        self.zero_stage = zero.stage
+    Made before the model: under ZeRO-3 it keeps transformers' DeepSpeed config alive, so
+    transformers builds the model inside deepspeed.zero.Init and loads pretrained weights
+    straight into each rank's partitions; no rank ever holds the whole model. `prepare`
+    then wraps the model and its optimizer.
+    """
+
+    def __init__(self, zero: ZeroConfig, trainer: TrainerConfig, runtime: Runtime, world_size: int):
+        self.runtime, self.zero_stage = runtime, zero.stage
+        self.zero, self.trainer = zero, trainer
         self.ds_config = build_ds_config(zero, trainer, runtime, world_size)
+        self.accum_steps = self.ds_config["gradient_accumulation_steps"]
+        # DeepSpeed's communication layer adopts the process group Ray Train set up; zero.Init
+        # needs it before the model exists (deepspeed.initialize would do it only later).
+        deepspeed.init_distributed(dist_backend=runtime.backend)
+        self._hf_ds_config = None
+        if zero.stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # transformers keeps only a weak reference: it must live as long as the model does.
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        self.ds = None
+        self._stage0_norm: Any = float("nan")
+
+    def gather(self, params: Iterable[torch.nn.Parameter]) -> ContextManager:
+        """Make partitioned (ZeRO-3) parameters whole for a block; changes made on rank 0 are kept."""
+        params = [p for p in params if hasattr(p, "ds_id")]
+        if not params:
+            return contextlib.nullcontext()
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+    def prepare(self, model: torch.nn.Module, groups: Optional[List[Dict[str, Any]]] = None) -> None:
+        trainer, zero = self.trainer, self.zero
         groups = groups if groups is not None else param_groups(model, trainer.weight_decay)
         betas = (trainer.beta1, trainer.beta2)
         if zero.offload_optimizer:
@@ -175,8 +169,6 @@ class Engine:
             config=self.ds_config,
             dist_init_required=False,
         )
-        self.accum_steps = self.ds_config["gradient_accumulation_steps"]
-        self._stage0_norm = float("nan")
 
     @property
     def module(self) -> torch.nn.Module:
@@ -192,13 +184,20 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
 
+    def train_only(self, groups: Optional[List[str]]) -> None:
+        """The optimizer groups (adapters) this step trains; the others stay untouched. None = all."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # DeepSpeed's ZeRO optimizer wraps ours
+        if isinstance(inner, IdleSkippingAdamW):
+            inner.active = None if groups is None else set(groups)
+
     def step(self) -> None:
         # DeepSpeed counts micro steps and applies the optimizer at the accumulation boundary.
         if self.zero_stage == 0 and self.ds.is_gradient_accumulation_boundary():
             # Without a ZeRO optimizer DeepSpeed does not report the norm; the gradients
             # are already averaged across ranks here, so every rank computes the same one.
+            # Kept on the device: read only when logged.
             grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
-            self._stage0_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            self._stage0_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         self.ds.step()
 
     def grad_norm(self) -> float:

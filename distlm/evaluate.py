@@ -11,19 +11,12 @@ import math
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
 from distlm.config import TasksConfig
 from distlm.data.batches import IGNORE, collate, encode_example
 from distlm.data.tasks import TaskData
 from distlm.data.tokens import TokenBlocks
-
-
-def _all_reduce(values: List[float], device, world: int) -> List[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+from distlm.runtime import all_reduce_sum
 
 
 def validation_loss(
@@ -37,7 +30,7 @@ def validation_loss(
         for i in range(0, len(indices), micro):
             ids = torch.stack([val[j] for j in indices[i : i + micro]]).to(device)
             loss_sum += float(forward(input_ids=ids, labels=ids).loss) * len(ids)
-    loss_sum, count = _all_reduce([loss_sum, float(len(indices))], device, world)
+    loss_sum, count = all_reduce_sum([loss_sum, float(len(indices))], device)
     return loss_sum / count
 
 
@@ -110,7 +103,7 @@ def evaluate_tasks(
                     text = tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True)
                     correct += w * float(text.strip() == target.strip())
                     counted += w
-        loss_sum, tokens, correct, counted = _all_reduce([loss_sum, tokens, correct, counted], device, world)
+        loss_sum, tokens, correct, counted = all_reduce_sum([loss_sum, tokens, correct, counted], device)
         metrics[f"eval/{name}/loss"] = loss_sum / max(tokens, 1.0)
         metrics[f"eval/{name}/exact_match"] = correct / max(counted, 1.0)
     names = list(tasks)

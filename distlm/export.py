@@ -186,13 +186,24 @@ def load_exported(export_dir: str, adapters: Optional[List[str]] = None):
     return peft_model.eval()
 
 
-def _check_probe(export_dir: Path, probe_path: Path, adapters: List[str], tolerance: float = 1e-4) -> float:
-    """Reload the export with plain transformers/peft and compare with the trained model's logits."""
+# Largest |logit| difference between the export and the trained model that passes, by the precision
+# the model trained in: bf16/fp16 logits computed on another device (the driver's CPU after GPU
+# training) differ in their last bits.
+PROBE_TOLERANCE = {"fp32": 1e-4, "bf16": 0.25, "fp16": 0.05}
+
+
+def _check_probe(export_dir: Path, probe_path: Path, adapters: List[str]) -> float:
+    """Reload the export with plain transformers/peft and compare with the trained model's logits
+    (in the precision it trained in: bf16 training keeps fp32 master weights, which the export holds)."""
     from transformers.utils import logging as hf_logging
+
+    from distlm.runtime import DTYPES
 
     hf_logging.disable_progress_bar()
     probe = torch.load(probe_path, map_location="cpu", weights_only=True)
-    model = load_exported(str(export_dir), adapters)
+    precision = probe.get("precision", "fp32")
+    tolerance = PROBE_TOLERANCE[precision]
+    model = load_exported(str(export_dir), adapters).to(DTYPES[precision])
     diffs = []
     with torch.no_grad():
         if adapters:
@@ -206,7 +217,8 @@ def _check_probe(export_dir: Path, probe_path: Path, adapters: List[str], tolera
     diff = max(diffs)
     if diff > tolerance:
         raise CheckpointError(
-            f"exported model's logits differ from the trained model's by {diff:.2e} (> {tolerance}): the export is wrong, "
+            f"exported model's logits differ from the trained model's by {diff:.2e} (> {tolerance} in {precision}): "
+            "the export is wrong, "
             "please report this with the run's config"
         )
     return diff

@@ -79,6 +79,7 @@ class MetricsSink:
     def __init__(self) -> None:
         self.records: List[Dict[str, Any]] = []
         self.placement: Dict[int, Dict[str, Any]] = {}
+        self.memory: Dict[int, Dict[str, float]] = {}
         # Set by the driver's SIGTERM handler; the workers poll it every step.
         self.stop = False
 
@@ -101,6 +102,12 @@ class MetricsSink:
     def placement_by_rank(self) -> List[Dict[str, Any]]:
         return [self.placement[r] for r in sorted(self.placement)]
 
+    def put_memory(self, rank: int, info: Dict[str, float]) -> None:
+        self.memory.setdefault(rank, {}).update(info)
+
+    def memory_by_rank(self) -> List[Dict[str, float]]:
+        return [{"rank": r, **self.memory[r]} for r in sorted(self.memory)]
+
 
 def report_placement(sink, rank: int) -> None:
     """Tell the driver where this rank runs: its Ray node and the process group's rendezvous
@@ -122,6 +129,33 @@ def report_placement(sink, rank: int) -> None:
         "master_port": os.environ.get("MASTER_PORT"),
     }
     sink.put_placement.remote(rank, info)
+
+
+def memory_now(device: torch.device) -> Dict[str, float]:
+    """Bytes this process holds: in live tensors (on a GPU: allocated by torch) and at its peak so
+    far (on a CPU: the process's peak resident memory)."""
+    if device.type == "cuda":
+        return {"tensors": float(torch.cuda.memory_allocated(device)), "peak": float(torch.cuda.max_memory_allocated(device))}
+    import gc
+    import resource
+    import warnings
+
+    storages = {}
+    with warnings.catch_warnings():  # some library objects warn when merely inspected
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return {"tensors": float(sum(storages.values())), "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0}
+
+
+def process_rss() -> float:
+    """This process's resident memory now (bytes)."""
+    with open("/proc/self/statm") as f:
+        import os
+
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") * 1.0
 
 
 class StopSignal:

@@ -18,17 +18,17 @@ from typing import Any, Dict, List, Optional
 
 import ray.train
 import torch
-import torch.distributed as dist
 
 from distlm import adapters
 from distlm.checkpoint import TrainState, read_train_state, write_train_state
 from distlm.config import Config
 from distlm.data.batches import PretrainBatches, TaskBatches, encode_example
-from distlm.data.tasks import load_task
-from distlm.engine import Engine, resolve_runtime
+from distlm.data.tasks import load_tasks
+from distlm.engine import Engine
 from distlm.evaluate import evaluate_tasks, validation_loss
 from distlm.models import build_model, flops_per_token
-from distlm.tracking import StopSignal, make_tracker, measure_matmul_peak, report_placement
+from distlm.runtime import all_reduce_sum, resolve_runtime
+from distlm.tracking import StopSignal, make_tracker, measure_matmul_peak, memory_now, process_rss, report_placement
 
 
 def train_worker(config: Dict[str, Any]) -> None:
@@ -36,7 +36,9 @@ def train_worker(config: Dict[str, Any]) -> None:
     tr, seq_len = cfg.trainer, cfg.data.seq_len
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    report_placement(config.get("sink"), rank)
+    sink = config.get("sink")
+    report_placement(sink, rank)
+    rss_at_start = process_rss()  # the libraries, before any model: the baseline of memory.json
     _quiet_libraries()
     torch.set_num_threads(tr.threads or cfg.cluster.cpus_per_worker)
     runtime = resolve_runtime(cfg.cluster)
@@ -47,8 +49,7 @@ def train_worker(config: Dict[str, Any]) -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(config["tokenizer_dir"])
-        template = tokenizer.apply_chat_template if tokenizer.chat_template else None
-        tasks = {name: load_task(name, t, tr.seed, template) for name, t in cfg.task.tasks.items()}
+        tasks = load_tasks(cfg.task, tokenizer, tr.seed)
         batches = TaskBatches(tasks, tokenizer, cfg.task, tr, seq_len, rank, world)
         vocab_size, eos_id = len(tokenizer), tokenizer.eos_token_id
     else:
@@ -56,15 +57,18 @@ def train_worker(config: Dict[str, Any]) -> None:
         batches = PretrainBatches(data, seq_len, tr, rank, world)
         vocab_size, eos_id = data.vocab_size, data.eos_token_id
 
-    model = build_model(cfg.model, vocab_size, seq_len, eos_id, tr.seed, cfg.init_from)
+    # The engine comes first: under ZeRO-3 the model is built (or loaded) straight into partitions.
+    engine = Engine(cfg.zero, tr, runtime, world)
+    model = build_model(cfg.model, vocab_size, seq_len, eos_id, tr.seed, cfg.init_from, engine.gather)
     model_flops_per_token = flops_per_token(model, seq_len)
     torch.manual_seed(tr.seed)  # adapter initialisation: the same in every run and on every rank
     model = adapters.apply_adapters(model, cfg.adapter, list(tasks))
-    groups = adapters.param_groups(model, cfg.adapter, list(tasks), tr.weight_decay)
-    engine = Engine(model, cfg.zero, tr, runtime, world, groups)
+    engine.prepare(model, adapters.param_groups(model, cfg.adapter, list(tasks), tr.weight_decay))
 
     def activate(task: Optional[str]) -> None:
         adapters.activate(engine.module, cfg.adapter, task)
+        if cfg.adapter.name == "per_task_lora":
+            engine.train_only([task] if task is not None else None)
 
     def evaluate() -> Dict[str, float]:
         if tasks:
@@ -86,62 +90,74 @@ def train_worker(config: Dict[str, Any]) -> None:
             state = read_train_state(directory, rank, world)
         batches.load_state_dict(state.sampler)
 
-    tracker = make_tracker(cfg.tracking, rank, cfg.run_dir, state.tracker_run_id, _flat_config(cfg), config.get("sink"))
+    tracker = make_tracker(cfg.tracking, rank, cfg.run_dir, state.tracker_run_id, _flat_config(cfg), sink)
     state.tracker_run_id = tracker.run_id
     peak_flops = measure_matmul_peak(engine.device, runtime.dtype)
-    stop = StopSignal(config.get("sink"), rank)
+    stop = StopSignal(sink, rank)
 
     if state.step == 0:  # the starting point of the curves (and the "before" of fine-tuning)
         tracker.log(evaluate(), 0)
     engine.train()
+    window = _Window(engine.device)  # what happened since the last logged step
+    memory_reported = False
     while state.step < tr.max_steps:
-        start = time.perf_counter()
         lr = engine.lr()
         step = batches.next(state.step)
         activate(step.task)
-        loss_sum = torch.zeros((), device=engine.device)
-        tokens = 0
         for micro_batch in step.micro_batches:
-            loss = engine(**{k: v.to(engine.device) for k, v in micro_batch.items()}).loss
+            loss = engine(**{k: v.to(engine.device, non_blocking=True) for k, v in micro_batch.items()}).loss
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.detach().float()
-            mask = micro_batch.get("attention_mask")
-            tokens += int(mask.sum()) if mask is not None else micro_batch["input_ids"].numel()
+            mask = micro_batch.get("attention_mask")  # on the host: counting tokens costs no sync
+            window.add(loss.detach(), int(mask.sum()) if mask is not None else micro_batch["input_ids"].numel())
         state.step += 1
-        train_loss, step_tokens, stop_votes = _sum_over_ranks(
-            [loss_sum / engine.accum_steps, tokens, stop.poll()], world
+        window.steps += 1
+        window.tasks.add(step.task)
+        last = state.step == tr.max_steps
+        evaluating = state.step % tr.eval_every == 0 or last
+        saving = state.step % tr.checkpoint_every == 0 or last
+        if not (state.step % tr.log_every == 0 or evaluating or saving):
+            continue  # no collective and no host synchronisation on steps that do not log
+        # One collective and one host sync: the window's loss and tokens, and the stop vote.
+        loss_sum, window_tokens, stop_votes = all_reduce_sum(
+            [window.loss_sum / engine.accum_steps, window.tokens, stop.poll()], engine.device
         )
-        train_loss /= world
-        state.tokens_seen += int(step_tokens)
-        elapsed = time.perf_counter() - start
+        train_loss = loss_sum / world / window.steps
+        state.tokens_seen += int(window_tokens)
+        elapsed = time.perf_counter() - window.start
         metrics = {
             "train/loss": train_loss,
             "train/lr": lr,
             "train/grad_norm": engine.grad_norm(),
-            "train/tokens_per_s": step_tokens / elapsed,
-            "train/mfu": step_tokens / world * model_flops_per_token / elapsed / peak_flops,
+            "train/tokens_per_s": window_tokens / elapsed,
+            "train/mfu": window_tokens / world * model_flops_per_token / elapsed / peak_flops,
             "train/tokens_seen": state.tokens_seen,
-            "train/step_time_s": elapsed,
+            "train/step_time_s": elapsed / window.steps,
         }
         if step.task is not None:
-            metrics[f"train/{step.task}/loss"] = train_loss
+            if window.tasks == {step.task}:
+                metrics[f"train/{step.task}/loss"] = train_loss
             metrics |= {f"mix/{name}": share for name, share in batches.shares().items()}
-        last = state.step == tr.max_steps
-        if state.step % tr.eval_every == 0 or last:
+        if sink is not None and not memory_reported:
+            # Model states as held between steps (after the optimizer's first step made its moments).
+            memory_reported = True
+            sink.put_memory.remote(rank, {"start_rss": rss_at_start, "states": memory_now(engine.device)["tensors"]})
+        if evaluating:
             metrics |= evaluate()
-        if state.step % tr.log_every == 0 or "val/loss" in metrics:
-            tracker.log(metrics, state.step)
-        if state.step % tr.checkpoint_every == 0 or last:
+        tracker.log(metrics, state.step)
+        if saving:
             probe = _probe(engine, batches, tasks, tokenizer, cfg) if last else None
             state.sampler = batches.state_dict()
             save_checkpoint(engine, state, rank, world, metrics, cfg, list(tasks), probe)
         # Preemption (SIGTERM to the driver): every rank saves this step, unless just saved, and stops.
         if not last and stop_votes > 0:
-            if state.step % tr.checkpoint_every != 0:
+            if not saving:
                 state.sampler = batches.state_dict()
                 save_checkpoint(engine, state, rank, world, metrics, cfg, list(tasks))
             break
+        window = _Window(engine.device)
+    if sink is not None:
+        sink.put_memory.remote(rank, {"start_rss": rss_at_start, "peak": memory_now(engine.device)["peak"]})
     tracker.finish()
 
 
@@ -188,7 +204,8 @@ def _probe(engine: Engine, batches, tasks, tokenizer, cfg: Config) -> Dict[str, 
     module = engine.module
     module.eval()
     names = adapters.adapter_names(cfg.adapter, list(tasks))
-    probe: Dict[str, Any] = {"input_ids": ids}
+    # The precision the logits were computed in: the export (fp32 master weights) is checked in it.
+    probe: Dict[str, Any] = {"input_ids": ids, "precision": engine.runtime.precision}
     with torch.no_grad():
         if names:
             with module.disable_adapter():
@@ -206,11 +223,19 @@ def _base_model(module: torch.nn.Module) -> torch.nn.Module:
     return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
-def _sum_over_ranks(values: List, world: int) -> List[float]:
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values])
-    if world > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+class _Window:
+    """Loss and tokens summed since the last logged step; the loss stays on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.tokens = 0
+        self.steps = 0
+        self.tasks: set = set()
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.loss_sum += loss.float()
+        self.tokens += tokens
 
 
 def _flat_config(cfg: Config) -> Dict[str, Any]:

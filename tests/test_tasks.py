@@ -242,12 +242,15 @@ def test_length_bucketing_reduces_padding(tokenizer):
 def test_idle_adapter_groups_are_left_untouched():
     a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
     opt = IdleSkippingAdamW(
-        [{"params": [a], "skip_when_idle": True}, {"params": [b], "skip_when_idle": True}], lr=0.1, weight_decay=0.1
+        [{"params": [a], "skip_when_idle": True, "name": "a"}, {"params": [b], "skip_when_idle": True, "name": "b"}],
+        lr=0.1,
+        weight_decay=0.1,
     )
     a.grad, b.grad = torch.ones(3), torch.ones(3)
     opt.step()
     after_first = b.detach().clone(), {k: v.clone() for k, v in opt.state[b].items()}
-    a.grad, b.grad = torch.ones(3), torch.zeros(3)  # b's task did not run
+    opt.active = {"a"}  # b's task did not run (even a stale gradient must not move it)
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
     opt.step()
     assert torch.equal(b, after_first[0])
     assert all(torch.equal(v, after_first[1][k]) for k, v in opt.state[b].items())

@@ -9,8 +9,9 @@ import torch
 
 from distlm.checkpoint import CheckpointError, TrainState, read_train_state, verify, write_train_state
 from distlm.config import ClusterConfig, ConfigError, TrainerConfig, ZeroConfig, compose
-from distlm.engine import Runtime, build_ds_config, lr_lambda, resolve_runtime
+from distlm.engine import build_ds_config, lr_lambda
 from distlm.models import build_model, flops_per_token
+from distlm.runtime import Runtime, resolve_runtime
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "llama", "qwen2", "gpt2"])

@@ -71,6 +71,18 @@ def collate(examples: List[Tuple[List[int], List[int]]], pad_id: int) -> Dict[st
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def only_target_logits(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The same loss with the output head applied only where a target token is predicted
+    (transformers' boolean `logits_to_keep`): with a large vocabulary the head is a good part of
+    the model's compute, and prompts carry no loss."""
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE  # the logit at position t predicts token t + 1
+    targets = labels[:, 1:][keep[:, :-1]]
+    # `shift_labels` is what the loss reads; `labels` only switches the loss on.
+    return {**batch, "logits_to_keep": keep, "labels": targets, "shift_labels": targets}
+
+
 class TaskBatches:
     def __init__(
         self,
@@ -113,7 +125,7 @@ class TaskBatches:
         micro = []
         for start in range(0, len(examples), per_micro_step):
             mine = examples[start + self.rank * self.micro : start + (self.rank + 1) * self.micro]
-            micro.append(collate(mine, self.pad_id))
+            micro.append(only_target_logits(collate(mine, self.pad_id)))
         self.steps_per_task[task] += 1
         return Step(task, micro)
 

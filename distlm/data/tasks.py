@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from distlm.config import TaskConfig
+from distlm.config import TaskConfig, TasksConfig
 from distlm.data.corpus import DataError
 
 Example = Tuple[str, str]  # (prompt, target)
@@ -157,9 +157,34 @@ def read_jsonl(path: str, skip_malformed: bool, chat_template=None) -> Tuple[Lis
     return examples, skipped
 
 
-def load_task(name: str, cfg: TaskConfig, seed: int, chat_template=None) -> TaskData:
+def chat_renderer(tokenizer, prompt_format: str) -> Optional[Callable]:
+    """How chats become prompts: the tokenizer's chat template, or None for distlm's plain one.
+    task.prompt_format=plain keeps generated prompts as they are even with a template."""
+    if prompt_format != "plain" and tokenizer.chat_template:
+        return tokenizer.apply_chat_template
+    return None
+
+
+def as_chat(example: Example, template: Optional[Callable]) -> Example:
+    """A generated (prompt, target) as a user turn and the assistant's answer."""
+    prompt, target = example
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": target.strip()}]
+    return render_chat(messages, template)
+
+
+def load_tasks(cfg: TasksConfig, tokenizer, seed: int) -> Dict[str, TaskData]:
+    """Every task of the `task` group, rendered for this tokenizer (see task.prompt_format)."""
+    template = chat_renderer(tokenizer, cfg.prompt_format)
+    chat = cfg.prompt_format == "chat" or (cfg.prompt_format == "auto" and template is not None)
+    return {name: load_task(name, t, seed, template, chat) for name, t in cfg.tasks.items()}
+
+
+def load_task(name: str, cfg: TaskConfig, seed: int, chat_template=None, chat: bool = False) -> TaskData:
+    """`chat`: generated examples become chat turns (user prompt, assistant answer)."""
     if cfg.generator is not None:
         train, held_out = generate(cfg.generator, seed, cfg.num_train, cfg.num_eval)
+        if chat:
+            train, held_out = [as_chat(e, chat_template) for e in train], [as_chat(e, chat_template) for e in held_out]
         return TaskData(name, train, held_out)
     if cfg.path is None:
         raise DataError(f"task {name!r} has neither a generator nor a path: set task.tasks.{name}.path=<file.jsonl>")

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # Bump when the on-disk layout or the split/encoding rules change: old caches become misses.
 FORMAT_VERSION = 2
 COMPLETE = "COMPLETE"
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack"}
 # Documents per encode_batch call are capped by total characters to bound memory.
 _CHUNK_CHARS = 1 << 20
 _CHUNK_DOCS = 1024
@@ -81,7 +82,8 @@ def cache_key(cfg: DataConfig, seed: int = 0) -> str:
             raise ConfigError(
                 f"data.tokenizer={root} is not a directory: give a local Hugging Face tokenizer directory"
             )
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        # A model directory also holds weights: only the tokenizer's files decide the tokens.
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix not in _WEIGHT_SUFFIXES):
             add_file(f"tokenizer:{path.relative_to(root).as_posix()}", path)
     return h.hexdigest()
 

@@ -1,0 +1,63 @@
+"""Device, backend, precision and dtype from the cluster config and the hardware, plus the one
+cross-rank reduction the loop and evaluation share. No DeepSpeed here: the driver, the workers
+and serving all import this module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from distlm.config import ClusterConfig, ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str  # cpu | cuda
+    backend: str  # gloo | nccl
+    precision: str  # fp32 | bf16 | fp16
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+
+def resolve_runtime(cluster: ClusterConfig, cuda_available: Optional[bool] = None) -> Runtime:
+    """Turn the 'auto' settings into concrete ones for the hardware at hand."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    device = cluster.device
+    if device == "auto":
+        device = "cuda" if cuda_available else "cpu"
+    if device == "cuda" and not cuda_available:
+        raise ConfigError("cluster.device=cuda but no GPU is visible: use cluster.device=auto or cpu")
+    backend = cluster.backend if cluster.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
+    if backend == "nccl" and device == "cpu":
+        raise ConfigError("cluster.backend=nccl needs GPUs: use cluster.backend=gloo (or auto) on CPU")
+    precision = cluster.precision if cluster.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    if device == "cpu" and precision == "fp16":
+        raise ConfigError("cluster.precision=fp16 is not supported on CPU: use fp32 or bf16")
+    return Runtime(device=device, backend=backend, precision=precision)
+
+
+def serving_device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    """serve.device / serve.dtype ('auto': cuda and bf16 when this process sees a GPU, else cpu and fp32)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bf16" if device == "cuda" else "fp32"
+    return device, DTYPES[dtype]
+
+
+def all_reduce_sum(values: Sequence[Union[float, torch.Tensor]], device: Union[str, torch.device]) -> List[float]:
+    """Sums over ranks in one collective, on the device the backend needs (nccl: the GPU), and one
+    host synchronisation for the result. Tensors among the values stay on the device until then."""
+    import torch.distributed as dist
+
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
