@@ -281,7 +281,9 @@ class Plan:
 
     def summary(self) -> str:
         e = self.estimate
-        budget = f" of ~{gb(self.budget)} {self.where}" if self.budget is not None else " (a worker's memory is unknown)"
+        budget = (
+            f" of ~{gb(self.budget)} {self.where}" if self.budget is not None else " (a worker's memory is unknown)"
+        )
         return (
             f"memory: ~{gb(e.total_on(self.device))} per worker{budget}: model states {gb(e.model_states)}, "
             f"activations {gb(e.activations)}, baseline {gb(e.baseline)}"

@@ -135,7 +135,10 @@ def memory_now(device: torch.device) -> Dict[str, float]:
     """Bytes this process holds: in live tensors (on a GPU: allocated by torch) and at its peak so
     far (on a CPU: the process's peak resident memory)."""
     if device.type == "cuda":
-        return {"tensors": float(torch.cuda.memory_allocated(device)), "peak": float(torch.cuda.max_memory_allocated(device))}
+        return {
+            "tensors": float(torch.cuda.memory_allocated(device)),
+            "peak": float(torch.cuda.max_memory_allocated(device)),
+        }
     import gc
     import resource
     import warnings
@@ -147,7 +150,10 @@ def memory_now(device: torch.device) -> Dict[str, float]:
             if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
                 storage = obj.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
-    return {"tensors": float(sum(storages.values())), "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0}
+    return {
+        "tensors": float(sum(storages.values())),
+        "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
+    }
 
 
 def process_rss() -> float:
