@@ -147,7 +147,8 @@ def _prepare_inputs(cfg: Config, console):
         return None, source
     from distlm.data import prepare_data
 
-    data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True)
+    # Ray is started (or joined) here only if the data is large enough for Ray Data (data.engine).
+    data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True, ray_init=lambda: _init_ray(cfg))
     console.log(f"data: {data.num_train_tokens:,} train / {data.num_val_tokens:,} val tokens, vocab {data.vocab_size}")
     # Fail here, not in every worker, if transformers cannot build the model.
     if cfg.model.pretrained is None and cfg.init_from is None:
