@@ -435,15 +435,18 @@ def test_crash_during_build_resumes_with_the_finished_shards(tmp_path, monkeypat
     assert not any((p / COMPLETE).exists() for p in cache.iterdir() if p.is_dir())
     assert _entries(cache) == [f".{cache_key(cfg)[:16]}.partial"]
 
+    # The corpus moves (same names and bytes, so the same key): the partial build still fits it.
+    moved = tmp_path / "moved" / "corpus"
+    shutil.copytree(corpus, moved)
+    shutil.rmtree(corpus)
+    cfg = dataclasses.replace(cfg, paths=[str(moved)])
     calls.clear()
     prepared = prepare_data(cfg, progress=False)
     build = json.loads((Path(prepared.train_path).parent / "build.json").read_text())
     assert build["reused_shards"] == 3 and calls[0] == 3 and len(calls) == build["shards"] - 3
     assert _entries(cache) == [prepared.key[:16]]
 
-    uninterrupted = _cfg(
-        tmp_path, format="text", paths=[corpus], vocab_size=300, shard_mb=0.002, cache_dir=str(tmp_path / "c2")
-    )
+    uninterrupted = dataclasses.replace(cfg, cache_dir=str(tmp_path / "c2"))
     monkeypatch.undo()
     _assert_same_cache(
         Path(prepare_data(uninterrupted, progress=False).train_path).parent, Path(prepared.train_path).parent

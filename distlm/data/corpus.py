@@ -25,7 +25,8 @@ _PARQUET_BATCH_ROWS = 1024
 TOPICS = "pydoc_data.topics"
 
 # A unit of work: {"id": int, "bytes": int, "parts": [part, ...]}; a part is a whole file or a
-# range of one: {"kind": text|jsonl|parquet|arrow|topics, "name", "path", "start", "end", "row0"}.
+# range of one: {"kind": text|jsonl|parquet|arrow|topics, "name", "path", "file" (its index in the
+# manifest), "start", "end", "row0"}.
 Unit = Dict[str, Any]
 # (source, position, text)
 Document = Tuple[str, int, str]
@@ -139,9 +140,9 @@ def plan_units(cfg: DataConfig, unit_bytes: int, manifest: list[tuple[str, Path]
     """
     manifest = corpus_manifest(cfg) if manifest is None else manifest
     parts: list[dict] = []
-    for name, path in manifest:
+    for index, (name, path) in enumerate(manifest):
         size = path.stat().st_size
-        base = {"name": name, "path": str(path)}
+        base = {"name": name, "path": str(path), "file": index}
         if cfg.format == "jsonl":
             for start in range(0, max(size, 1), unit_bytes):
                 parts.append({**base, "kind": "jsonl", "start": start, "end": min(start + unit_bytes, size)})
@@ -153,7 +154,7 @@ def plan_units(cfg: DataConfig, unit_bytes: int, manifest: list[tuple[str, Path]
             parts.append({**base, "kind": "text", "start": 0, "end": size})
     if cfg.format == "stdlib_code":
         size = sum(len(t) for t in stdlib_topics().values())
-        parts.append({"kind": "topics", "name": TOPICS, "path": "", "start": 0, "end": size})
+        parts.append({"kind": "topics", "name": TOPICS, "path": "", "file": -1, "start": 0, "end": size})
     units: list[Unit] = []
     for part in parts:
         size = part.pop("bytes", part["end"] - part["start"])

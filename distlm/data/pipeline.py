@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, Dict, List, Optional
@@ -20,28 +21,44 @@ from distlm.data.shards import ShardJob, Stats, tokenize_unit
 
 
 class Progress:
-    """Shards, documents, tokens and throughput while it runs (a tqdm bar over input bytes)."""
+    """Shards, documents, tokens and throughput while it runs: a tqdm bar over input bytes on a
+    terminal, a log line every LOG_EVERY_S seconds otherwise (a Slurm or Kubernetes job log)."""
 
-    def __init__(self, total_bytes: int, done_bytes: int, enabled: bool) -> None:
+    LOG_EVERY_S = 30.0
+
+    def __init__(self, total_bytes: int, done_bytes: int, total_shards: int, enabled: bool) -> None:
         from tqdm import tqdm
 
-        self.start = time.perf_counter()
-        self.docs = self.tokens = 0
+        self.start = self.logged = time.perf_counter()
+        self.docs = self.tokens = self.shards = 0
+        self.total_shards = total_shards
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
         self.bar = tqdm(
             desc="tokenizing",
             total=total_bytes,
             initial=done_bytes,
             unit="B",
             unit_scale=True,
-            disable=None if enabled else True,
+            disable=not (enabled and self.tty),
         )
 
     def shard_done(self, stats: Stats, input_bytes: int) -> None:
+        self.shards += 1
         self.docs += sum(stats["docs"].values())
         self.tokens += sum(stats["tokens"].values())
-        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.start, 1e-9)
         self.bar.set_postfix(docs=f"{self.docs:,}", tokens=f"{self.tokens:,}", tok_s=f"{rate:,.0f}", refresh=False)
         self.bar.update(input_bytes)
+        if self.enabled and not self.tty and now - self.logged >= self.LOG_EVERY_S:
+            self.logged = now
+            print(
+                f"data: {self.shards}/{self.total_shards} shards, {self.docs:,} documents, {self.tokens:,} tokens, "
+                f"{rate:,.0f} tokens/s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         self.bar.close()

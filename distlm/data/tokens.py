@@ -232,7 +232,7 @@ def _build(
         say(f"tokenizing {total / MB:,.1f} MB in {len(pending)} shards ({engine}, {cpus} CPUs) into {final}")
         from distlm.data.pipeline import Progress, run_shards
 
-        bar = Progress(total, sum(u["bytes"] for u in units if u["id"] in done), progress)
+        bar = Progress(total, sum(u["bytes"] for u in units if u["id"] in done), len(pending), progress)
         tokenize_started = time.perf_counter()
         try:
             results, nodes = run_shards(pending, job, engine, bar)
@@ -320,17 +320,25 @@ def summary_line(build: Dict[str, Any]) -> str:
 
 def _plan(cfg: DataConfig, manifest, total: int, cpus: int, partial: Path) -> List[Unit]:
     """The work units: an interrupted build's own (its shards were cut that way), else a new cut
-    into units of at most data.shard_mb, finer for small corpora so each CPU gets about four."""
+    into units of at most data.shard_mb, finer for small corpora so each CPU gets about four.
+
+    The saved plan names files by manifest index and name, not path: the cache key is the
+    same after the corpus moves, and so is the plan."""
     saved = partial / "plan.json"
-    try:
-        return json.loads(saved.read_text())["units"]
-    except (OSError, ValueError, KeyError):
-        pass
-    unit_bytes = max(1, int(min(cfg.shard_mb * MB, max(total / (4 * cpus), _MIN_UNIT_BYTES))))
-    units = plan_units(cfg, unit_bytes, manifest)
-    _write_json(saved, {"unit_bytes": unit_bytes, "units": units})
-    # Two runs starting together may both write a plan: all shards follow the one that stays.
-    return json.loads(saved.read_text())["units"]
+    if not saved.is_file():
+        unit_bytes = max(1, int(min(cfg.shard_mb * MB, max(total / (4 * cpus), _MIN_UNIT_BYTES))))
+        units = plan_units(cfg, unit_bytes, manifest)
+        for part in (part for unit in units for part in unit["parts"]):
+            del part["path"]
+        _write_json(saved, {"unit_bytes": unit_bytes, "units": units})
+    # Two runs starting together may both write a plan: every shard follows the one that stays.
+    units = json.loads(saved.read_text())["units"]
+    for part in (part for unit in units for part in unit["parts"]):
+        name, path = manifest[part["file"]] if part["kind"] != "topics" else (part["name"], "")
+        if name != part["name"]:
+            raise RuntimeError(f"{saved} does not match the corpus (a foreign file?): remove {partial} and run again")
+        part["path"] = str(path)
+    return units
 
 
 def _tokenizer(cfg: DataConfig, seed: int, units: List[Unit], partial: Path, say: Callable[[str], None]):
