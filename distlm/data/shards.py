@@ -66,14 +66,15 @@ def encoder(tokenizer_file: str):
     from tokenizers import Tokenizer
 
     key = (tokenizer_file, os.stat(tokenizer_file).st_mtime)
-    if key not in _ENCODERS:
+    backend = _ENCODERS.get(key)
+    if backend is None:
         backend = Tokenizer.from_file(tokenizer_file)
         # A tokenizer.json that enables truncation or padding must not cut or pad documents here.
         backend.no_truncation()
         backend.no_padding()
         _ENCODERS.clear()
         _ENCODERS[key] = backend
-    return _ENCODERS[key]
+    return backend
 
 
 def tokenize_unit(unit: Unit, job: ShardJob, on_chunk: Optional[Callable[[int, int, int], None]] = None) -> Stats:
@@ -83,6 +84,8 @@ def tokenize_unit(unit: Unit, job: ShardJob, on_chunk: Optional[Callable[[int, i
     `on_chunk(docs, tokens, chars)` reports progress inside the shard.
     """
     backend = encoder(job.tokenizer_file)
+    # The same ids as encode_batch, without computing offsets (tokenizers >= 0.21 has it).
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     out = Path(job.shards_dir)
     tag = uuid.uuid4().hex[:8]
     names = {split: shard_name(unit["id"], split) for split in ("train", "val")}
@@ -96,7 +99,7 @@ def tokenize_unit(unit: Unit, job: ShardJob, on_chunk: Optional[Callable[[int, i
         with open(temps["train"], "wb") as train_f, open(temps["val"], "wb") as val_f:
             files: dict[str, IO] = {"train": train_f, "val": val_f}
             for chunk in _chunks(read_unit(job.data, unit)):
-                encodings = backend.encode_batch_fast([text for _, _, text in chunk], add_special_tokens=False)
+                encodings = encode([text for _, _, text in chunk], add_special_tokens=False)
                 pieces: dict[str, list[np.ndarray]] = {"train": [], "val": []}
                 chunk_tokens = 0
                 for (source, position, _), enc in zip(chunk, encodings):
