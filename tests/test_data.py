@@ -406,9 +406,13 @@ def test_incomplete_cache_dirs_are_not_trusted(tmp_path):
     _write(
         partial / "00000.json", json.dumps({"id": 0, "docs": {"train": 1, "val": 0}, "tokens": {"train": 5, "val": 0}})
     )
+    # Temp files of writers killed mid-write.
+    _write(partial / ".00003.train.bin.tmp-dead", "half")
+    _write(partial.parent / ".tokenizer.tmp-dead" / "tokenizer.json", "{")
 
     prepared = prepare_data(cfg, progress=False)
     assert (cache / key[:16] / COMPLETE).is_file()
+    assert not list((cache / key[:16]).rglob(".*"))
     assert json.loads((cache / key[:16] / "build.json").read_text())["reused_shards"] == 0
     assert _stream(prepared.train_path, prepared.dtype) == _stream(clean.train_path, clean.dtype)
     assert _stream(prepared.val_path, prepared.dtype) == _stream(clean.val_path, clean.dtype)

@@ -261,8 +261,12 @@ def _build(
     except FileNotFoundError:
         raise _TakenOver() from None
     try:
-        for stray in (building / "shards").glob(".*"):  # temp files of tasks killed mid-write
-            stray.unlink(missing_ok=True)
+        # Temp files and dirs of writers killed mid-write (shards, the plan, the tokenizer).
+        for stray in [*building.glob(".*"), *(building / "shards").glob(".*")]:
+            if stray.is_dir():
+                shutil.rmtree(stray)
+            else:
+                stray.unlink(missing_ok=True)
         for s in stats:  # every shard named by the index must be whole
             if committed(building / "shards", s["id"], itemsize) is None:
                 raise RuntimeError(f"shard {s['id']} of {building} is incomplete: run again to redo it")
