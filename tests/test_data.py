@@ -25,6 +25,7 @@ from distlm.data import (
     TokenBlocks,
     cache_key,
     corpus_files,
+    corpus_manifest,
     find_prepared,
     is_validation,
     iter_documents,
@@ -455,6 +456,20 @@ def test_crash_during_build_resumes_with_the_finished_shards(tmp_path, monkeypat
     _assert_same_cache(
         Path(prepare_data(uninterrupted, progress=False).train_path).parent, Path(prepared.train_path).parent
     )
+
+
+def test_one_plan_per_build_whoever_plans(tmp_path):
+    """Two runs on one partial build with different CPU counts (a local and a Ray run) would
+    cut the corpus differently: the first plan written is the one both follow."""
+    cfg = _cfg(tmp_path, format="text", paths=[str(_text_corpus(tmp_path / "corpus", n=40))])
+    manifest = corpus_manifest(cfg)
+    total = sum(p.stat().st_size for _, p in manifest)
+    coarse, fine = (dataclasses.replace(cfg, shard_mb=total / n / 2**20) for n in (3, 10))
+    (tmp_path / "partial").mkdir()
+    first = tokens_mod._plan(coarse, manifest, total, 1, tmp_path / "partial")
+    assert tokens_mod._plan(fine, manifest, total, 64, tmp_path / "partial") == first
+    (tmp_path / "other").mkdir()
+    assert len(tokens_mod._plan(fine, manifest, total, 64, tmp_path / "other")) > len(first) > 1
 
 
 def _assert_same_cache(a: Path, b: Path) -> None:

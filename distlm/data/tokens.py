@@ -304,8 +304,14 @@ def _build(
         with open(building / COMPLETE, "w") as f:
             _sync(f)
         _publish(building, final)
+    except BaseException:
+        try:  # give the shards back to the next run rather than lose them
+            os.rename(building, partial)
+        except OSError:
+            pass
+        raise
     finally:
-        shutil.rmtree(building, ignore_errors=True)  # nothing left to remove after a successful rename
+        shutil.rmtree(building, ignore_errors=True)  # a published or a losing build: nothing to keep
     say(summary_line(build))
     return _load(final)
 
@@ -334,8 +340,9 @@ def _plan(cfg: DataConfig, manifest, total: int, cpus: int, partial: Path) -> Li
         units = plan_units(cfg, unit_bytes, manifest)
         for part in (part for unit in units for part in unit["parts"]):
             del part["path"]
-        _write_json(saved, {"unit_bytes": unit_bytes, "units": units})
-    # Two runs starting together may both write a plan: every shard follows the one that stays.
+        _create_json(saved, {"unit_bytes": unit_bytes, "units": units})
+    # Two runs starting together may both plan, maybe for different CPU counts: the first
+    # plan written is the only one, and every shard follows it.
     units = json.loads(saved.read_text())["units"]
     for part in (part for unit in units for part in unit["parts"]):
         name, path = manifest[part["file"]] if part["kind"] != "topics" else (part["name"], "")
@@ -476,6 +483,20 @@ def _write_json(path: Path, data: Any, indent: Optional[int] = None) -> None:
             json.dump(data, f, indent=indent)
             _sync(f)
         os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _create_json(path: Path, data: Any) -> None:
+    """Write `path` whole, unless it exists: a hard link never replaces a file (rename would)."""
+    temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(temp, "w") as f:
+            json.dump(data, f)
+            _sync(f)
+        os.link(temp, path)
+    except FileExistsError:
+        pass
     finally:
         temp.unlink(missing_ok=True)
 
