@@ -1,4 +1,4 @@
-"""Command line: `distlm train [overrides]`, `distlm export <run>`.
+"""Command line: `distlm train [overrides]`, `distlm prepare [overrides]`, `distlm export <run>`, ...
 
 Configuration is composed and validated before anything heavy is imported, so a bad
 override fails in about a second with exit code 2 and a one-line message.
@@ -89,6 +89,46 @@ def _print_summary(console, summary, cfg) -> None:
                 f"{row['loss_after']:.3f}",
             )
         console.print(tasks)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Tokenize the corpus of `data=...` into the shared cache (Ray Data across the cluster for
+    large corpora), so training runs with the same data settings start at once."""
+    from omegaconf import OmegaConf
+
+    from distlm.config import ConfigError, compose
+
+    try:
+        cfg, composed = compose(args.overrides)
+    except ConfigError as e:
+        return _fail(str(e), EXIT_CONFIG)
+    if args.cfg:
+        print(OmegaConf.to_yaml(composed.data, resolve=True))
+        return 0
+    import json
+
+    from distlm.data.tokens import find_prepared, prepare_data, summary_line
+    from distlm.trainer import _init_ray
+
+    try:
+        data = find_prepared(cfg.data, seed=cfg.trainer.seed)
+        cached = data is not None
+        if data is None:
+            data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True, ray_init=lambda: _init_ray(cfg))
+    except ConfigError as e:
+        return _fail(str(e), EXIT_CONFIG)
+    except KeyboardInterrupt:
+        return _fail(
+            f"interrupted; `distlm prepare {' '.join(args.overrides)}` continues (finished shards are kept)", 130
+        )
+    except Exception as e:  # noqa: BLE001 - say why, once; finished shards are kept for the next try
+        return _fail(f"data preparation failed: {type(e).__name__}: {e}", 1)
+    cache = Path(data.train_path).parent
+    build = json.loads((cache / "build.json").read_text())
+    print(("already prepared: " if cached else "") + summary_line(build))
+    print(f"cache: {cache}")
+    print(f"tokenizer: {data.tokenizer_dir} (vocab {data.vocab_size})")
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -267,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cfg", action="store_true", help="print the composed config and exit")
     train.add_argument("overrides", nargs="*", help="Hydra overrides")
     train.set_defaults(func=cmd_train)
+    prepare = sub.add_parser(
+        "prepare",
+        help="tokenize the corpus into the shared data cache (Ray Data across the cluster), ahead of training",
+        description="Examples: distlm prepare | distlm prepare data=jsonl data.paths=[/data/corpus/] | "
+        "distlm prepare data=hf data.paths=[/data/my_dataset] cluster.address=<head>:6379. Training runs with "
+        "the same data settings (and trainer.seed) then find it prepared.",
+    )
+    prepare.add_argument("--cfg", action="store_true", help="print the composed data config and exit")
+    prepare.add_argument("overrides", nargs="*", help="Hydra overrides (data.*, cluster.address, trainer.seed)")
+    prepare.set_defaults(func=cmd_prepare)
     plan = sub.add_parser(
         "plan",
         help="estimate each worker's memory for a run (model states, activations) and check that it fits",

@@ -42,20 +42,32 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "stdlib_code"
-    # stdlib_code (embedded default corpus) | text | jsonl | parquet
+    # stdlib_code (embedded default corpus) | text | jsonl | parquet | hf (a local Hugging Face dataset)
     format: str = "stdlib_code"
-    # Files or directories (text: *.txt/*.md, jsonl: *.jsonl, parquet: *.parquet).
+    # Files or directories (text: *.txt/*.md, jsonl: *.jsonl, parquet: *.parquet,
+    # hf: a save_to_disk directory or *.arrow files).
     paths: List[str] = field(default_factory=list)
-    # Field (jsonl) or column (parquet) that holds each document's text.
+    # Field (jsonl) or column (parquet, hf) that holds each document's text.
     text_field: str = "text"
+    # hf: the split of a DatasetDict saved with save_to_disk.
+    hf_split: str = "train"
     # A local Hugging Face tokenizer (or model) directory or a .gguf file; None trains a byte-level
-    # BPE on the corpus, or, when a pretrained model is given, uses that model's own tokenizer.
+    # BPE on a sample of the corpus, or, when a pretrained model is given, uses that model's own tokenizer.
     tokenizer: Optional[str] = None
     vocab_size: int = 4096
+    # The BPE is trained on at most this many MB of training documents, spread over the corpus.
+    tokenizer_sample_mb: int = 256
     seq_len: int = 128
     val_fraction: float = 0.02
     # Token files and tokenizers are cached here by content hash, shared across runs.
     cache_dir: str = "${output_root}/.cache"
+    # Who tokenizes: ray (a Ray Data pipeline over every node's CPUs) | local (this process, all
+    # its cores) | auto (ray from ray_min_mb of input up, local below). Both write the same tokens.
+    engine: str = "auto"
+    ray_min_mb: float = 64
+    # The most input per token shard (one Ray Data task each); smaller corpora are cut finer so
+    # that every CPU gets about four shards.
+    shard_mb: float = 64
 
 
 @dataclass
@@ -390,7 +402,8 @@ def validate(cfg: Config) -> None:
     _choice("cluster.backend", c.backend, ["auto", "gloo", "nccl"])
     _choice("cluster.precision", c.precision, ["auto", "fp32", "bf16", "fp16"])
     _choice("cluster.placement_strategy", c.placement_strategy, ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
-    _choice("data.format", d.format, ["stdlib_code", "text", "jsonl", "parquet"])
+    _choice("data.format", d.format, ["stdlib_code", "text", "jsonl", "parquet", "hf"])
+    _choice("data.engine", d.engine, ["auto", "local", "ray"])
     _choice("tracking.backend", t.backend, ["wandb", "none"])
     _choice("tracking.mode", t.mode, ["offline", "online"])
     _choice("trainer.resume", tr.resume, ["auto", "never"])
@@ -427,6 +440,17 @@ def validate(cfg: Config) -> None:
         )
     if not 0.0 <= d.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 0.5)")
+    if d.shard_mb <= 0:
+        raise ConfigError(f"data.shard_mb={d.shard_mb} must be positive: the most MB of input per shard (e.g. 64)")
+    if d.ray_min_mb < 0:
+        raise ConfigError(
+            f"data.ray_min_mb={d.ray_min_mb} must not be negative: use 0 to always prepare with Ray Data, "
+            "or data.engine=local|ray"
+        )
+    if d.tokenizer_sample_mb < 1:
+        raise ConfigError(
+            f"data.tokenizer_sample_mb={d.tokenizer_sample_mb} must be at least 1: the MB of text the BPE is trained on"
+        )
     if d.vocab_size < 256 + 8 and d.tokenizer is None:
         raise ConfigError(f"data.vocab_size={d.vocab_size} is too small for a byte-level BPE: use at least 264")
     if tr.warmup_steps < 0 or tr.warmup_steps > tr.max_steps:

@@ -157,7 +157,8 @@ def _prepare_inputs(cfg: Config, console):
         # Continued pretraining reads the corpus with the model's own tokenizer.
         cfg.data.tokenizer = source
         console.log(f"tokenizer: {source}'s own (data.tokenizer=<dir> picks another)")
-    data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True)
+    # Ray is started (or joined) here only if the data is large enough for Ray Data (data.engine).
+    data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True, ray_init=lambda: _init_ray(cfg))
     console.log(f"data: {data.num_train_tokens:,} train / {data.num_val_tokens:,} val tokens, vocab {data.vocab_size}")
     # Fail here, not in every worker, if transformers cannot build the model.
     if cfg.model.pretrained is None and cfg.init_from is None:

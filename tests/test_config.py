@@ -72,6 +72,9 @@ BAD = [
     (["zero.offload_params=true"], "zero.offload_params"),
     (["cluster.precision=fp8"], "cluster.precision"),
     (["model.hidden_size=100", "model.num_heads=3"], "model.hidden_size"),
+    (["data.engine=spark"], "data.engine"),
+    (["data.shard_mb=0"], "data.shard_mb"),
+    (["data=hf"], "data.paths"),
 ]
 
 
@@ -95,6 +98,12 @@ def test_cli_validation_exits_2_fast(overrides, key, tmp_path):
     assert lines[0].startswith("distlm: error:") and key in lines[0]
     assert elapsed < 3.0, f"validation took {elapsed:.1f}s"
     assert not (tmp_path / "run").exists(), "a rejected run must not create its run dir"
+
+
+def test_prepare_validation_exits_2():
+    result = run_cli("prepare", "data=jsonl", "data.paths=[/no/such/file.jsonl]")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "data.paths" in lines[0], result.stderr
 
 
 def test_cli_prints_config():

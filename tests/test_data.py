@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import shutil
@@ -24,13 +25,19 @@ from distlm.data import (
     TokenBlocks,
     cache_key,
     corpus_files,
+    corpus_manifest,
+    find_prepared,
+    is_validation,
     iter_documents,
     load_tokenizer,
     prepare_data,
     train_tokenizer,
 )
+from distlm.data import pipeline as pipeline_mod
+from distlm.data import shards as shards_mod
 from distlm.data import tokens as tokens_mod
-from distlm.data.tokens import COMPLETE, split_documents
+from distlm.data.corpus import documents, plan_units, read_unit
+from distlm.data.tokens import COMPLETE, training_sample
 
 CODE_SAMPLE = 'def héllo(name: str) -> str:\n    """Grüß dich 🎉 — 你好"""\n\treturn f"hi {name}!"  # done\r\n'
 
@@ -210,16 +217,100 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path / "junk")
 
 
+# ---------------------------------------------------------------- documents and shards
+
+
+def test_documents_are_the_same_however_the_corpus_is_cut(tmp_path):
+    """Units cut JSONL by byte ranges, parquet by row groups, arrow by rows: any cut reads
+    every document once, in order, with the same identity (source, position)."""
+    lines = [json.dumps({"text": _code_doc(i) if i % 7 else ""}) for i in range(60)]
+    _jsonl(tmp_path / "j" / "a.jsonl", lines[:45] + ["", "  "] + lines[45:])
+    _jsonl(tmp_path / "j" / "b.jsonl", [json.dumps({"text": "tail"})])
+    texts = [f"row {i}" if i % 5 else None for i in range(300)]
+    (tmp_path / "p").mkdir()
+    pq.write_table(pa.table({"text": texts}), tmp_path / "p" / "a.parquet", row_group_size=40)
+    (tmp_path / "h").mkdir()
+    with pa.ipc.new_stream(str(tmp_path / "h" / "data.arrow"), pa.schema([("text", pa.large_string())])) as writer:
+        for b in range(0, 300, 64):
+            writer.write_batch(pa.record_batch([pa.array(texts[b : b + 64], pa.large_string())], names=["text"]))
+    for fmt, root in [("jsonl", "j"), ("parquet", "p"), ("hf", "h")]:
+        cfg = _cfg(tmp_path, format=fmt, paths=[str(tmp_path / root)])
+        whole = list(documents(cfg))
+        for unit_bytes in (97, 700, 1500):
+            units = plan_units(cfg, unit_bytes)
+            assert len(units) > 1
+            assert [d for u in units for d in read_unit(cfg, u)] == whole
+    jsonl = list(documents(_cfg(tmp_path, format="jsonl", paths=[str(tmp_path / "j")])))
+    assert [t for _, _, t in jsonl] == [json.loads(line)["text"] for line in lines if json.loads(line)["text"]] + [
+        "tail"
+    ]
+    assert jsonl[1][:2] == ("j/a.jsonl", len(lines[0]) + 1 + len(lines[1]) + 1)  # the byte offset of its line
+    parquet = list(documents(_cfg(tmp_path, format="parquet", paths=[str(tmp_path / "p")])))
+    assert [(pos, t) for _, pos, t in parquet] == [(i, t) for i, t in enumerate(texts) if t]
+
+
+def test_jsonl_error_line_numbers_from_any_range(tmp_path):
+    lines = [json.dumps({"text": _code_doc(i)}) for i in range(40)]
+    lines[33] = '{"text": 5}'
+    cfg = _cfg(tmp_path, format="jsonl", paths=[str(_jsonl(tmp_path / "bad.jsonl", lines))])
+    for unit in plan_units(cfg, 500):
+        try:
+            list(read_unit(cfg, unit))
+        except DataError as e:
+            assert "bad.jsonl line 34: field 'text' is int" in str(e)
+            break
+    else:
+        pytest.fail("the bad line was not reported")
+
+
+def test_split_is_deterministic_by_document_identity():
+    ids = [("f.jsonl", i * 100) for i in range(4000)]
+    split = [is_validation(5, s, p, 0.1) for s, p in ids]
+    assert split == [is_validation(5, s, p, 0.1) for s, p in ids]
+    assert 300 < sum(split) < 500
+    assert split != [is_validation(6, s, p, 0.1) for s, p in ids]  # the seed picks the split
+    assert not any(is_validation(5, s, p, 0.0) for s, p in ids)
+
+
 # ---------------------------------------------------------------- prepare_data
 
 
-def _read_tokens(path: str, dtype: str) -> np.ndarray:
-    return np.fromfile(path, dtype=dtype)
+def _stream(path: str, dtype: str) -> list[int]:
+    """A token stream read straight from its index, independently of TokenBlocks."""
+    base = Path(path).parent
+    out: list[int] = []
+    for file, offset, length in json.loads(Path(path).read_text()):
+        out += np.fromfile(base / file, dtype=dtype)[offset : offset + length].tolist()
+    return out
+
+
+def reference_streams(cfg: DataConfig, tokenizer_dir: str, seed: int) -> dict[bool, list[int]]:
+    """Every document encoded on its own by the saved tokenizer, + EOS, in corpus order, in the
+    split its identity hashes to (as one file of each split would hold them)."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    docs = [(is_validation(seed, s, p, cfg.val_fraction), t) for s, p, t in documents(cfg)]
+    if not any(not v for v, _ in docs):
+        docs[0] = (False, docs[0][1])
+    elif cfg.val_fraction > 0 and not any(v for v, _ in docs) and len(docs) >= 2:
+        docs[-1] = (True, docs[-1][1])
+    streams: dict[bool, list[int]] = {False: [], True: []}
+    for is_val, text in docs:
+        streams[is_val] += tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+    return streams
+
+
+def _entries(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir() if p.name != ".file-digests.json")
 
 
 def test_prepare_data_matches_direct_encode(tmp_path):
     cfg = _cfg(
-        tmp_path, format="text", paths=[str(_text_corpus(tmp_path / "corpus"))], vocab_size=300, val_fraction=0.2
+        tmp_path,
+        format="text",
+        paths=[str(_text_corpus(tmp_path / "corpus"))],
+        vocab_size=300,
+        val_fraction=0.2,
+        shard_mb=0.002,
     )
     prepared = prepare_data(cfg, seed=3, progress=False)
 
@@ -228,19 +319,37 @@ def test_prepare_data_matches_direct_encode(tmp_path):
     assert (final / COMPLETE).is_file() and Path(prepared.train_path).parent == final
     assert prepared.dtype == "uint16"
     assert json.loads((final / "meta.json").read_text())["num_train_tokens"] == prepared.num_train_tokens
+    build = json.loads((final / "build.json").read_text())
+    assert build["engine"] == "local"
+    assert build["shards"] == len(list((final / "shards").glob("*.json"))) > 3
 
     tok = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
     assert prepared.vocab_size == len(tok) and prepared.eos_token_id == tok.eos_token_id
-    expected: dict[bool, list[int]] = {False: [], True: []}
-    for is_val, doc in split_documents(iter_documents(cfg), seed=3, val_fraction=0.2):
-        expected[is_val] += tok.encode(doc, add_special_tokens=False) + [tok.eos_token_id]
+    expected = reference_streams(cfg, prepared.tokenizer_dir, seed=3)
     assert expected[True], "val_fraction=0.2 over 24 documents must give validation documents"
     assert prepared.num_train_tokens == len(expected[False])
     assert prepared.num_val_tokens == len(expected[True])
-    assert _read_tokens(prepared.train_path, prepared.dtype).tolist() == expected[False]
-    assert _read_tokens(prepared.val_path, prepared.dtype).tolist() == expected[True]
+    assert _stream(prepared.train_path, prepared.dtype) == expected[False]
+    assert _stream(prepared.val_path, prepared.dtype) == expected[True]
+    # TokenBlocks over the shards: block i is tokens [i*L, (i+1)*L) of the stream, across shard files.
+    blocks = TokenBlocks(prepared.train_path, prepared.dtype, seq_len=37)
+    assert len(blocks) == len(expected[False]) // 37
+    assert torch.cat([blocks[i] for i in range(len(blocks))]).tolist() == expected[False][: len(blocks) * 37]
     # No temporary build dirs are left behind.
-    assert sorted(p.name for p in Path(cfg.cache_dir).iterdir()) == [final.name]
+    assert _entries(Path(cfg.cache_dir)) == [final.name]
+
+
+@pytest.mark.parametrize("n_docs, val_fraction", [(2, 0.01), (2, 0.45), (3, 0.45), (1, 0.3)])
+def test_small_corpora_get_both_splits(tmp_path, n_docs, val_fraction):
+    """As with one file: with >= 2 documents both splits exist, whatever the hash says."""
+    corpus = _text_corpus(tmp_path / "corpus", n=n_docs)
+    for seed in range(4):
+        cfg = _cfg(tmp_path, format="text", paths=[str(corpus)], vocab_size=300, val_fraction=val_fraction)
+        prepared = prepare_data(cfg, seed=seed, progress=False)
+        expected = reference_streams(cfg, prepared.tokenizer_dir, seed)
+        assert _stream(prepared.train_path, prepared.dtype) == expected[False] != []
+        assert _stream(prepared.val_path, prepared.dtype) == expected[True]
+        assert bool(expected[True]) == (n_docs >= 2)
 
 
 def test_second_prepare_is_a_cache_hit(tmp_path, monkeypatch):
@@ -250,11 +359,11 @@ def test_second_prepare_is_a_cache_hit(tmp_path, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a cache hit must not read documents or tokenize")
 
-    monkeypatch.setattr(tokens_mod, "iter_documents", forbidden)
-    monkeypatch.setattr(tokens_mod, "train_tokenizer", forbidden)
-    monkeypatch.setattr(tokens_mod, "load_tokenizer", forbidden)
-    monkeypatch.setattr(tokens_mod, "_build", forbidden)
+    for name in ("read_unit", "train_tokenizer", "load_tokenizer", "_build"):
+        monkeypatch.setattr(tokens_mod, name, forbidden)
     assert prepare_data(cfg, progress=False) == first
+    assert find_prepared(cfg) == first
+    assert find_prepared(_cfg(tmp_path, format="text", paths=[str(tmp_path / "corpus")], vocab_size=301)) is None
 
 
 def test_cache_key_tracks_content_and_settings(tmp_path):
@@ -265,52 +374,114 @@ def test_cache_key_tracks_content_and_settings(tmp_path):
     assert cache_key(cfg, seed=1) != key
     assert cache_key(_cfg(tmp_path, format="text", paths=[str(corpus)], vocab_size=301)) != key
     assert cache_key(_cfg(tmp_path, format="text", paths=[str(corpus)], vocab_size=300, val_fraction=0.1)) != key
+    assert cache_key(_cfg(tmp_path, format="text", paths=[str(corpus)], vocab_size=300, tokenizer_sample_mb=9)) != key
+    # The shard size and the engine change how the tokens are written, not what they are.
+    assert (
+        cache_key(_cfg(tmp_path, format="text", paths=[str(corpus)], vocab_size=300, shard_mb=1, engine="ray")) == key
+    )
     # The key does not depend on where the data lives, only on names and bytes.
     moved = shutil.copytree(corpus, tmp_path / "elsewhere" / "corpus")
     assert cache_key(_cfg(tmp_path, format="text", paths=[str(moved)], vocab_size=300)) == key
 
     first = prepare_data(cfg, progress=False)
-    _write(corpus / "doc_005.txt", "def changed():\n    pass\n")
+    # Same size, new bytes: the remembered digest is not reused (the file's ctime changed).
+    doc = corpus / "doc_005.txt"
+    doc.write_text(doc.read_text().replace("result", "RESULT"))
     second = prepare_data(cfg, progress=False)
     assert second.key != first.key and second.train_path != first.train_path
     assert Path(first.train_path).is_file()  # the old cache entry is untouched
 
 
 def test_incomplete_cache_dirs_are_not_trusted(tmp_path):
-    cfg = _cfg(tmp_path, format="text", paths=[str(_text_corpus(tmp_path / "corpus"))], vocab_size=300)
+    cfg = _cfg(tmp_path, format="text", paths=[str(_text_corpus(tmp_path / "corpus"))], vocab_size=300, shard_mb=0.002)
     key = cache_key(cfg)
     cache = Path(cfg.cache_dir)
-    # A crashed build's temp dir, and a final-looking dir without the COMPLETE marker.
+    clean = prepare_data(dataclasses.replace(cfg, cache_dir=str(tmp_path / "clean")), progress=False)
+    # A crashed build's temp dir, a final-looking dir without the COMPLETE marker, and a partial
+    # build whose shard 0 claims more tokens than its file holds (a torn write).
     _write(cache / f".{key[:16]}.tmp-crashed" / "train.bin", "garbage")
-    _write(cache / key[:16] / "train.bin", "garbage")
-    _write(cache / key[:16] / "meta.json", "{}")
+    _write(cache / key[:16] / "train.index.json", "[]")
+    partial = cache / f".{key[:16]}.partial" / "shards"
+    _write(partial / "00000.train.bin", "xx")
+    _write(partial / "00000.val.bin", "")
+    _write(
+        partial / "00000.json", json.dumps({"id": 0, "docs": {"train": 1, "val": 0}, "tokens": {"train": 5, "val": 0}})
+    )
+    # Temp files of writers killed mid-write.
+    _write(partial / ".00003.train.bin.tmp-dead", "half")
+    _write(partial.parent / ".tokenizer.tmp-dead" / "tokenizer.json", "{")
 
     prepared = prepare_data(cfg, progress=False)
     assert (cache / key[:16] / COMPLETE).is_file()
-    tok = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
-    total = sum(len(tok.encode(d)) + 1 for d in iter_documents(cfg))
-    assert prepared.num_train_tokens + prepared.num_val_tokens == total
-    assert len(_read_tokens(prepared.train_path, prepared.dtype)) == prepared.num_train_tokens
+    assert not list((cache / key[:16]).rglob(".*"))
+    assert json.loads((cache / key[:16] / "build.json").read_text())["reused_shards"] == 0
+    assert _stream(prepared.train_path, prepared.dtype) == _stream(clean.train_path, clean.dtype)
+    assert _stream(prepared.val_path, prepared.dtype) == _stream(clean.val_path, clean.dtype)
 
 
-def test_crash_during_build_leaves_no_cache(tmp_path, monkeypatch):
-    cfg = _cfg(tmp_path, format="text", paths=[str(_text_corpus(tmp_path / "corpus"))], vocab_size=300)
+def test_crash_during_build_resumes_with_the_finished_shards(tmp_path, monkeypatch):
+    """A build that dies after some shards leaves no cache a run would use; the next run
+    tokenizes only the missing shards and ends with the same files as a build never stopped."""
+    corpus = str(_text_corpus(tmp_path / "corpus"))
+    cfg = _cfg(tmp_path, format="text", paths=[corpus], vocab_size=300, shard_mb=0.002)
+    real = shards_mod.tokenize_unit
+    calls: list[int] = []
 
-    def crash(*args, **kwargs):
-        raise RuntimeError("killed mid-build")
+    def dies_on_the_fourth(unit, job, *args, **kwargs):
+        calls.append(unit["id"])
+        if len(calls) == 4:
+            raise RuntimeError("killed mid-build")
+        return real(unit, job, *args, **kwargs)
 
-    monkeypatch.setattr(tokens_mod, "_chunks", crash)
+    monkeypatch.setattr(pipeline_mod, "tokenize_unit", dies_on_the_fourth)
     with pytest.raises(RuntimeError, match="killed"):
         prepare_data(cfg, progress=False)
-    assert list(Path(cfg.cache_dir).iterdir()) == []
+    cache = Path(cfg.cache_dir)
+    assert not any((p / COMPLETE).exists() for p in cache.iterdir() if p.is_dir())
+    assert _entries(cache) == [f".{cache_key(cfg)[:16]}.partial"]
 
-    monkeypatch.undo()
+    # The corpus moves (same names and bytes, so the same key): the partial build still fits it.
+    moved = tmp_path / "moved" / "corpus"
+    shutil.copytree(corpus, moved)
+    shutil.rmtree(corpus)
+    cfg = dataclasses.replace(cfg, paths=[str(moved)])
+    calls.clear()
     prepared = prepare_data(cfg, progress=False)
-    assert prepared.num_train_tokens > 0
+    build = json.loads((Path(prepared.train_path).parent / "build.json").read_text())
+    assert build["reused_shards"] == 3 and calls[0] == 3 and len(calls) == build["shards"] - 3
+    assert _entries(cache) == [prepared.key[:16]]
+
+    uninterrupted = dataclasses.replace(cfg, cache_dir=str(tmp_path / "c2"))
+    monkeypatch.undo()
+    _assert_same_cache(
+        Path(prepare_data(uninterrupted, progress=False).train_path).parent, Path(prepared.train_path).parent
+    )
+
+
+def test_one_plan_per_build_whoever_plans(tmp_path):
+    """Two runs on one partial build with different CPU counts (a local and a Ray run) would
+    cut the corpus differently: the first plan written is the one both follow."""
+    cfg = _cfg(tmp_path, format="text", paths=[str(_text_corpus(tmp_path / "corpus", n=40))])
+    manifest = corpus_manifest(cfg)
+    total = sum(p.stat().st_size for _, p in manifest)
+    coarse, fine = (dataclasses.replace(cfg, shard_mb=total / n / 2**20) for n in (3, 10))
+    (tmp_path / "partial").mkdir()
+    first = tokens_mod._plan(coarse, manifest, total, 1, tmp_path / "partial")
+    assert tokens_mod._plan(fine, manifest, total, 64, tmp_path / "partial") == first
+    (tmp_path / "other").mkdir()
+    assert len(tokens_mod._plan(fine, manifest, total, 64, tmp_path / "other")) > len(first) > 1
+
+
+def _assert_same_cache(a: Path, b: Path) -> None:
+    """Every file byte for byte, but build.json (how long it took, on which nodes)."""
+    files = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file() and p.name != "build.json")
+    assert files == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file() and p.name != "build.json")
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def test_concurrent_prepares_agree(tmp_path):
-    cfg = _cfg(tmp_path, format="text", paths=[str(_text_corpus(tmp_path / "corpus"))], vocab_size=300)
+    cfg = _cfg(tmp_path, format="text", paths=[str(_text_corpus(tmp_path / "corpus"))], vocab_size=300, shard_mb=0.002)
     results: list = []
     errors: list = []
 
@@ -327,8 +498,8 @@ def test_concurrent_prepares_agree(tmp_path):
         t.join()
     assert not errors and len(results) == 3
     assert all(r == results[0] for r in results)
-    assert [p.name for p in Path(cfg.cache_dir).iterdir()] == [results[0].key[:16]]
-    assert len(_read_tokens(results[0].train_path, results[0].dtype)) == results[0].num_train_tokens
+    assert _entries(Path(cfg.cache_dir)) == [results[0].key[:16]]
+    assert len(_stream(results[0].train_path, results[0].dtype)) == results[0].num_train_tokens
 
 
 def test_losing_the_publish_race_uses_the_winner(tmp_path):
@@ -336,9 +507,9 @@ def test_losing_the_publish_race_uses_the_winner(tmp_path):
     prepared = prepare_data(cfg, progress=False)
     final = Path(prepared.train_path).parent
     loser = shutil.copytree(final, tmp_path / "loser_build")
-    (loser / "train.bin").write_bytes(b"")
+    (loser / "train.index.json").write_text("[]")
     tokens_mod._publish(loser, final)
-    assert (final / "train.bin").stat().st_size > 0  # the winner's files are kept
+    assert json.loads((final / "train.index.json").read_text())  # the winner's files are kept
 
 
 def test_prepare_with_a_given_tokenizer_and_jsonl(tmp_path):
@@ -362,19 +533,59 @@ def test_prepare_data_reports_corpus_errors(tmp_path):
     cfg = _cfg(tmp_path, format="jsonl", paths=[str(path)], vocab_size=300)
     with pytest.raises(DataError, match=r"bad\.jsonl line 3: field 'text' is missing"):
         prepare_data(cfg, progress=False)
-    assert list(Path(cfg.cache_dir).iterdir()) == []
+    assert _entries(Path(cfg.cache_dir)) == []  # a bad file fails the same way again: nothing is kept
 
 
-def test_split_documents_guarantees_both_splits():
-    docs = [str(i) for i in range(2)]
-    assert [v for v, _ in split_documents(docs, seed=0, val_fraction=0.01)] == [False, True]
-    assert [v for v, _ in split_documents(docs, seed=0, val_fraction=0.0)] == [False, False]
-    assert [v for v, _ in split_documents(["only"], seed=0, val_fraction=0.4)] == [False]
-    many = [d for _, d in split_documents(map(str, range(1000)), seed=5, val_fraction=0.1)]
-    assert many == [str(i) for i in range(1000)]  # order is kept
-    n_val = sum(v for v, _ in split_documents(map(str, range(1000)), seed=5, val_fraction=0.1))
-    assert 60 < n_val < 140
-    assert list(split_documents(map(str, range(50)), 1, 0.2)) == list(split_documents(map(str, range(50)), 1, 0.2))
+def test_tokenizer_sample_is_bounded_and_spread(tmp_path):
+    corpus = _text_corpus(tmp_path / "corpus", n=60)
+    cfg = _cfg(tmp_path, format="text", paths=[str(corpus)], val_fraction=0.1)
+    units = plan_units(cfg, 600)
+    train_docs = [t for s, p, t in documents(cfg) if not is_validation(0, s, p, 0.1)]
+    assert list(training_sample(cfg, 0, units, 1 << 30)) == train_docs  # fits: every train document
+    budget = sum(len(t) for t in train_docs) // 4
+    sample = list(training_sample(cfg, 0, units, budget))
+    assert sample == list(training_sample(cfg, 0, units, budget))
+    assert budget <= sum(len(t) for t in sample) < budget + max(len(t) for t in train_docs)
+    assert set(sample) <= set(train_docs)
+    positions = sorted(train_docs.index(t) for t in sample)
+    assert positions[0] < len(train_docs) // 4 and positions[-1] > len(train_docs) * 3 // 4  # spans the corpus
+
+
+def test_hf_dataset_saved_to_disk(tmp_path):
+    """A DatasetDict written by `datasets` (save_to_disk, several arrow files) and its parquet export."""
+    import datasets
+
+    rows = [_code_doc(i) if i % 9 else "" for i in range(120)]
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"content": rows, "n": list(range(120))}),
+            "test": datasets.Dataset.from_dict({"content": ["held out"], "n": [0]}),
+        }
+    )
+    dd.save_to_disk(str(tmp_path / "ds"), max_shard_size="4KB")
+    assert len(list((tmp_path / "ds" / "train").glob("*.arrow"))) > 1
+    cfg = _cfg(
+        tmp_path, format="hf", paths=[str(tmp_path / "ds")], text_field="content", vocab_size=300, shard_mb=0.003
+    )
+    assert list(iter_documents(cfg)) == [
+        r for r in datasets.load_from_disk(str(tmp_path / "ds"))["train"]["content"] if r
+    ]
+    prepared = prepare_data(cfg, progress=False)
+    expected = reference_streams(cfg, prepared.tokenizer_dir, seed=0)
+    assert _stream(prepared.train_path, prepared.dtype) == expected[False]
+    assert _stream(prepared.val_path, prepared.dtype) == expected[True] != []
+    assert json.loads((Path(prepared.train_path).parent / "build.json").read_text())["shards"] > 1
+
+    assert list(
+        iter_documents(_cfg(tmp_path, format="hf", paths=[str(tmp_path / "ds")], hf_split="test", text_field="content"))
+    ) == ["held out"]
+    with pytest.raises(DataError, match=r"without the split 'validation' \(splits: train, test\): set data\.hf_split"):
+        corpus_files(_cfg(tmp_path, format="hf", paths=[str(tmp_path / "ds")], hf_split="validation"))
+    with pytest.raises(DataError, match=r"column 'text' is missing \(columns: content, n\)"):
+        prepare_data(_cfg(tmp_path, format="hf", paths=[str(tmp_path / "ds")]), progress=False)
+    dd["train"].to_parquet(str(tmp_path / "train.parquet"))
+    parquet = _cfg(tmp_path, format="parquet", paths=[str(tmp_path / "train.parquet")], text_field="content")
+    assert list(iter_documents(parquet)) == list(iter_documents(cfg))
 
 
 # ---------------------------------------------------------------- TokenBlocks
@@ -397,6 +608,27 @@ def test_token_blocks(tmp_path, dtype):
     assert torch.equal(restored[3], blocks[3])
     loader = torch.utils.data.DataLoader(blocks, batch_size=4)
     assert next(iter(loader)).shape == (4, 64)
+
+
+def test_token_blocks_over_pieces_equal_one_file(tmp_path, monkeypatch):
+    """Blocks of a sharded stream (pieces of any length, parts of files, more files than stay
+    mapped) are the blocks of the one file that concatenates the pieces."""
+    rng = np.random.default_rng(0)
+    pieces, stream = [], []
+    for i, length in enumerate([5, 0, 130, 1, 64, 63, 200, 3]):
+        data = rng.integers(0, 60000, size=length + 10, dtype=np.uint16)
+        data.tofile(tmp_path / f"{i}.bin")
+        pieces.append([f"{i}.bin", 7, length])
+        stream += data[7 : 7 + length].tolist()
+    (tmp_path / "s.index.json").write_text(json.dumps(pieces))
+    np.asarray(stream, dtype=np.uint16).tofile(tmp_path / "flat.bin")
+    monkeypatch.setattr(TokenBlocks, "_OPEN_FILES", 2)
+    sharded = TokenBlocks(tmp_path / "s.index.json", "uint16", seq_len=16)
+    flat = TokenBlocks(tmp_path / "flat.bin", "uint16", seq_len=16)
+    assert len(sharded) == len(flat) == len(stream) // 16
+    for i in list(range(len(flat))) + [3, 0, 20]:
+        assert torch.equal(sharded[i], flat[i])
+    assert torch.equal(pickle.loads(pickle.dumps(sharded))[9], flat[9])
 
 
 def test_token_blocks_too_short(tmp_path):

@@ -87,3 +87,33 @@ def test_zero2_workers_on_two_nodes(two_nodes, tmp_path):
     losses = [r["train/loss"] for r in read_metrics(str(run_dir / "metrics.jsonl")) if "train/loss" in r]
     assert losses == pytest.approx(reference_losses(cfg, cfg.trainer.max_steps), rel=2e-5, abs=2e-5)
     assert (run_dir / "export" / "model.safetensors").exists()
+
+
+def test_prepare_with_ray_data_on_two_nodes(two_nodes, tmp_path):
+    """`distlm prepare` joins the cluster and tokenizes with Ray Data tasks on both nodes; the
+    cache is byte for byte the one this process writes alone, and its streams are each
+    document encoded on its own, in corpus order and split."""
+    from test_data import _assert_same_cache, _code_doc, _stream, reference_streams
+
+    from distlm.data import prepare_data
+
+    address, env = two_nodes
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": _code_doc(i) * (1 + i % 3)}) + "\n" for i in range(1500)))
+    data = ["data=jsonl", f"data.paths=[{corpus}]", "data.vocab_size=300", "data.shard_mb=0.05"]
+    result = run_cli(
+        "prepare", *data, "data.engine=ray", f"data.cache_dir={tmp_path / 'ray'}", f"cluster.address={address}", env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ray on 2 nodes" in result.stdout
+    (ray_cache,) = (tmp_path / "ray").glob("*/COMPLETE")
+    build = json.loads((ray_cache.parent / "build.json").read_text())
+    assert build["engine"] == "ray" and set(build["nodes"]) == {address.rsplit(":", 1)[0], SECOND_NODE_IP}
+    assert sum(build["nodes"].values()) == build["shards"] > 2
+
+    cfg = compose_cfg([*data, "data.engine=local", f"data.cache_dir={tmp_path / 'local'}"], tmp_path / "run")
+    local = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=False)
+    _assert_same_cache(Path(local.train_path).parent, ray_cache.parent)
+    expected = reference_streams(cfg.data, local.tokenizer_dir, cfg.trainer.seed)
+    assert _stream(local.train_path, local.dtype) == expected[False]
+    assert _stream(local.val_path, local.dtype) == expected[True] != []
