@@ -92,7 +92,7 @@ def test_served_chat_answers_equal_peft_generate(run_dir):
             if not line and proc.poll() is not None:
                 break
             out += line
-        assert f"models: smolrun, {', '.join(f'smolrun:{t}' for t in TASKS)}" in out, out
+        assert f"models: smolrun, {', '.join(f'smolrun:{t}' for t in sorted(TASKS))}" in out, out
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1",
             api_key="none",
