@@ -14,13 +14,15 @@ import torch
 
 from distlm.config import AdapterConfig
 from distlm.export import ADAPTERS_DIR
+from distlm.heads import ROUTER
 
 SHARED = "shared"
 
 
 def adapter_names(cfg: AdapterConfig, tasks: List[str]) -> List[str]:
+    """The peft adapters of a run: one per task (the router has none: it reads the base), or one shared."""
     if cfg.name == "per_task_lora":
-        return list(tasks)
+        return [task for task in tasks if task != ROUTER]
     return [SHARED] if cfg.name == "lora" else []
 
 
@@ -103,14 +105,16 @@ def apply_adapters(model: torch.nn.Module, cfg: AdapterConfig, tasks: List[str])
 
 
 def activate(model: torch.nn.Module, cfg: AdapterConfig, task: Optional[str]) -> None:
-    """Route the next forward passes through `task`'s adapter (per-task LoRA only).
+    """Route the next forward passes through `task`'s adapter (per-task LoRA only; the router's
+    steps read the base, so every adapter is frozen for them).
 
     peft's set_adapter also freezes the other adapters for the step: ZeRO then hands the
     optimizer zero gradients for them (a trainable parameter that merely sat out the
     forward pass would keep ZeRO-3's stale gradient buffer), and their group is skipped.
     """
     if cfg.name == "per_task_lora" and task is not None:
-        model.set_adapter(task)
+        if task in model.peft_config:
+            model.set_adapter(task)
         # peft's set_adapter unfreezes the new adapter's module copies (modules_to_save) but
         # freezes only the previously active adapter's: freeze every other adapter here.
         for name, param in model.named_parameters():
@@ -119,17 +123,25 @@ def activate(model: torch.nn.Module, cfg: AdapterConfig, task: Optional[str]) ->
 
 
 def param_groups(model: torch.nn.Module, cfg: AdapterConfig, tasks: List[str], weight_decay: float) -> List[Dict]:
-    """Optimizer groups. Per-task LoRA: one group per adapter, marked `skip_when_idle`, so an
-    adapter whose task did not take part in a step keeps its weights and optimizer moments."""
-    if cfg.name != "per_task_lora":
-        from distlm.engine import param_groups as default_groups
+    """Optimizer groups, each with the tasks whose steps train it ("tasks"; see engine.TaskAwareAdamW):
+    a per-task adapter and a task's head train only on that task's steps, the router's head only
+    on the router's, and the shared model (full fine-tuning, or one shared LoRA) on every task's
+    step but the router's. An idle group keeps its weights and optimizer moments."""
+    from distlm.engine import param_groups as default_groups
 
-        return default_groups(model, weight_decay)
-    groups = []
-    for task in tasks:
-        params = [p for n, p in model.named_parameters() if is_adapter_param(n, task)]
-        groups.append({"params": params, "weight_decay": 0.0, "skip_when_idle": True, "name": task})
-    return groups
+    heads = getattr(model, "heads", None)
+    lm = getattr(model, "lm", model)
+    task_steps = [t for t in tasks if t != ROUTER]
+    if cfg.name == "per_task_lora":
+        groups = []
+        for task in task_steps:
+            params = [p for n, p in lm.named_parameters() if is_adapter_param(n, task)]
+            groups.append({"params": params, "weight_decay": 0.0, "tasks": [task], "name": task})
+    else:
+        groups = [g | {"tasks": task_steps or None} for g in default_groups(lm, weight_decay)]
+    for name, head in (heads or {}).items():
+        groups.append({"params": list(head.parameters()), "weight_decay": 0.0, "tasks": [name], "name": f"head:{name}"})
+    return [g for g in groups if g["params"]]
 
 
 def trainable_count(model: torch.nn.Module) -> int:

@@ -5,6 +5,7 @@ A checkpoint directory (one per saved step, persisted by Ray Train) holds:
   train_state_rank{r}.pt  step, sampler position, RNG states, tracker run id (per rank)
   manifest.json           step, world size, ZeRO stage: written by rank 0
   probe.pt                (final checkpoint only) a fixed batch and the trained model's logits
+  metrics.jsonl           rank 0's logged records since the previous checkpoint
 
 Ray Train registers a checkpoint only after every rank has reported it, so a crash while
 saving leaves nothing that a resume would pick up; `verify` double-checks the files.
@@ -16,12 +17,13 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 FORMAT_VERSION = 1
+RECORDS = "metrics.jsonl"
 
 
 class CheckpointError(RuntimeError):
@@ -34,6 +36,10 @@ class TrainState:
     sampler: Dict[str, Any] = field(default_factory=dict)
     tracker_run_id: Optional[str] = None
     tokens_seen: int = 0
+    # Early stopping: the best value of the metric so far, its step, and evaluations since.
+    best_value: Optional[float] = None
+    best_step: int = 0
+    evals_since_best: int = 0
 
 
 def rng_state() -> Dict[str, Any]:
@@ -57,6 +63,30 @@ def write_train_state(directory: str, state: TrainState, rank: int, world_size: 
     if rank == 0:
         manifest = {"format": FORMAT_VERSION, "step": state.step, "world_size": world_size, "zero_stage": zero_stage}
         (d / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def write_records(directory: str, records: List[Dict[str, Any]]) -> None:
+    (Path(directory) / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def recover_records(checkpoints: Path, metrics_path: Path) -> int:
+    """Append to metrics.jsonl the records that the checkpoints hold and it lacks (a driver killed
+    after a checkpoint was saved but before it wrote that step's records). Returns how many."""
+    have = set()
+    if metrics_path.exists():
+        have = {json.loads(line)["step"] for line in metrics_path.read_text().splitlines() if line.strip()}
+    missing = []
+    for f in sorted(checkpoints.glob(f"step_*/{RECORDS}")):
+        for line in f.read_text().splitlines():
+            if line.strip() and json.loads(line)["step"] not in have:
+                record = json.loads(line)
+                have.add(record["step"])
+                missing.append(record)
+    if missing:
+        missing.sort(key=lambda r: r["step"])
+        with metrics_path.open("a") as out:
+            out.writelines(json.dumps(r) + "\n" for r in missing)
+    return len(missing)
 
 
 def read_manifest(directory: str) -> Dict[str, Any]:

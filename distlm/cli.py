@@ -77,18 +77,45 @@ def _print_summary(console, summary, cfg) -> None:
         table.add_row("W&B (offline)", f"wandb sync {Path(summary['run_dir']) / 'wandb'}/offline-run-*")
     console.print(table)
     if summary.get("tasks"):
-        tasks = Table(title="exact match per task (held-out)")
-        for column in ("task", "before", "after", "loss before", "loss after"):
+        tasks = Table(title="held-out score per task")
+        for column in ("task", "metric", "before", "after", "loss before", "loss after"):
             tasks.add_column(column)
         for name, row in summary["tasks"].items():
             tasks.add_row(
                 name,
-                f"{row['exact_match_before']:.3f}",
-                f"{row['exact_match_after']:.3f}",
+                row["metric"],
+                f"{row['before']:.3f}",
+                f"{row['after']:.3f}",
                 f"{row['loss_before']:.3f}",
                 f"{row['loss_after']:.3f}",
             )
         console.print(tasks)
+        report = Path(summary["run_dir"]) / "eval_report.json"
+        if report.exists():
+            print_reports(console, json.loads(report.read_text())["tasks"])
+    if summary.get("agent"):
+        agent = summary["agent"]
+        console.print(eval_table("the agent on held-out examples", agent["metrics"], agent["tasks"], agent["adapters"]))
+
+
+def print_reports(console, reports) -> None:
+    """Per class precision/recall/F1 and the confusion matrix of each classification (and the router)."""
+    from rich.table import Table
+
+    from distlm.evaluate import classification_metrics
+
+    for name, report in reports.items():
+        import torch
+
+        labels, confusion = report["labels"], torch.tensor(report["confusion"], dtype=torch.float64)
+        m = classification_metrics(confusion, labels)
+        table = Table(title=f"{name}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} (held-out)")
+        for column in ("label", "precision", "recall", "f1", "support", *[f"-> {label}" for label in labels]):
+            table.add_column(column)
+        for i, label in enumerate(labels):
+            row = [f"{m[f'{k}/{label}']:.3f}" for k in ("precision", "recall", "f1")]
+            table.add_row(label, *row, str(int(confusion[i].sum())), *[str(int(v)) for v in confusion[i]])
+        console.print(table)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -197,13 +224,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Per-task loss and exact match of an export (with its adapters), in this process."""
+    """Per-task scores of an export (each example through its own task's layer), and, when the export
+    has a router, the agent end to end (each example where the router sends it)."""
     from distlm.config import ConfigError, compose
-    from distlm.export import find_export, load_exported
+    from distlm.export import find_export
 
     try:
         found = find_export(args.run)
-        export, adapters = Path(found.path), list(found.adapters)
+        export = Path(found.path)
         # init_from is the model being evaluated here, not something to resolve.
         cfg, _ = compose([*args.overrides, "init_from=null"])
         # Unless told otherwise, evaluate the tasks (and seed: it picks the held-out split) of the run.
@@ -211,47 +239,67 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if saved.exists() and not any(o.lstrip("+").startswith("task") for o in args.overrides):
             from omegaconf import OmegaConf
 
-            from distlm.config import TasksConfig
+            from distlm.config import TasksConfig, task_configs
 
             run = OmegaConf.load(saved)
             cfg.task = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TasksConfig), run.task))
+            cfg.task.tasks = task_configs(cfg.task.tasks)
             cfg.trainer.seed = int(run.trainer.seed)
         if not cfg.task.tasks:
             raise ConfigError("no tasks to evaluate: pick a task set, e.g. task=suite")
         from rich.console import Console
-        from rich.table import Table
-        from transformers import AutoTokenizer
 
-        from distlm.data.tasks import load_tasks
-        from distlm.evaluate import evaluate_tasks
+        from distlm.evaluate import evaluate_export
 
-        model = load_exported(str(export), adapters)
-        tokenizer = AutoTokenizer.from_pretrained(export)
-        tasks = load_tasks(cfg.task, tokenizer, cfg.trainer.seed)
+        agent = cfg.serve.agent
+        metrics, reports, tasks, adapters = evaluate_export(
+            str(export), cfg.task, cfg.trainer.seed, agent.min_confidence, agent.fallback
+        )
     except ConfigError as e:
         return _fail(str(e), EXIT_CONFIG)
-
-    def activate(task: str) -> None:
-        if task in adapters:
-            model.set_adapter(task)
-        elif "shared" in adapters:
-            model.set_adapter("shared")
-
-    metrics = evaluate_tasks(model, tokenizer, tasks, cfg.task, "cpu", activate=activate)
-    table = Table(title=f"distlm eval: {export}")
-    for column in ("task", "adapter", "examples", "loss", "exact match"):
-        table.add_column(column)
-    for name in tasks:
-        adapter = name if name in adapters else ("shared" if "shared" in adapters else "-")
-        n = min(len(tasks[name].eval), cfg.task.eval_examples)
-        table.add_row(
-            name, adapter, str(n), f"{metrics[f'eval/{name}/loss']:.3f}", f"{metrics[f'eval/{name}/exact_match']:.3f}"
-        )
-    table.add_row("mean", "", "", f"{metrics['val/loss']:.3f}", f"{metrics['eval/mean_exact_match']:.3f}")
-    Console().print(table)
+    console = Console(width=max(140, Console().width))
+    console.print(eval_table(f"distlm eval: {export}", metrics, describe_tasks(tasks, cfg.task), adapters))
+    print_reports(console, reports)
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))
     return 0
+
+
+def describe_tasks(tasks, cfg) -> dict:
+    """{task: (kind, held-out examples evaluated)} for eval_table."""
+    return {name: (task.kind, min(len(task.eval), cfg.eval_examples)) for name, task in tasks.items()}
+
+
+def eval_table(title: str, metrics, tasks, adapters):
+    """One row per task: its layer, its score through that layer (the oracle) and through the agent.
+    `tasks`: {task: (kind, examples)}."""
+    from rich.table import Table
+
+    agent = "eval/agent/mean_score" in metrics
+    table = Table(title=title)
+    columns = ["task", "kind", "layer", "examples", "loss", "score (own layer)"]
+    columns += ["routed right", "score (agent)", "agent / own"] if agent else []
+    for column in columns:
+        table.add_column(column)
+    names = [n for n in tasks if n != "router"]
+    for name in names:
+        kind, examples = tasks[name]
+        layer = name if name in adapters else ("shared" if "shared" in adapters else "base")
+        if kind == "classification":
+            layer = f"head ({layer})"
+        score = metrics[f"eval/{name}/score"]
+        row = [name, "accuracy" if kind == "classification" else "exact match", layer]
+        row += [str(examples), f"{metrics[f'eval/{name}/loss']:.3f}", f"{score:.3f}"]
+        if agent:
+            through = metrics[f"eval/agent/{name}/score"]
+            ratio = f"{through / score:.3f}" if score > 0 else "-"
+            row += [f"{metrics[f'eval/agent/{name}/routed_right']:.3f}", f"{through:.3f}", ratio]
+        table.add_row(*row)
+    mean = ["mean", "", "", "", f"{metrics['val/loss']:.3f}", f"{metrics['eval/mean_score']:.3f}"]
+    if agent:
+        mean += [f"{metrics['eval/agent/routing_accuracy']:.3f}", f"{metrics['eval/agent/mean_score']:.3f}", ""]
+    table.add_row(*mean)
+    return table
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -186,6 +186,20 @@ class TrackingConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop when an evaluation metric has not improved for `patience` evaluations; the export is then
+    built from the best evaluated step's checkpoint."""
+
+    # A metric of the evaluations, e.g. eval/mean_score, val/loss, eval/<task>/score; None = off.
+    metric: Optional[str] = None
+    patience: int = 3
+    # max: higher is better (scores) | min: lower is better (losses)
+    mode: str = "max"
+    # An improvement smaller than this does not count.
+    min_delta: float = 0.0
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 100
     micro_batch_size: int = 8
@@ -214,6 +228,7 @@ class TrainerConfig:
     # Write the Hugging Face export at the end; false stops at the final checkpoint (`distlm export
     # <run>` writes the export later, e.g. for a large model on a machine with more memory).
     export: bool = True
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -231,6 +246,12 @@ class TaskConfig:
     # raise: stop at the first malformed line (file, line, field) | skip: skip and count them
     on_error: str = "raise"
     max_new_tokens: int = 16
+    # generative (the answer is generated text, scored by exact match) | classification (a label per
+    # example, predicted by a head over the model's hidden states) | auto (the generator's kind, or
+    # classification for a file whose lines carry a "label")
+    kind: str = "auto"
+    # classification: the labels, in the head's order; empty = the generator's, or those in the file
+    labels: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -238,7 +259,9 @@ class TasksConfig:
     """The `task` group: which tasks to fine-tune on and how to mix them. No tasks = pretraining."""
 
     name: str = "none"
-    tasks: Dict[str, TaskConfig] = field(default_factory=dict)
+    # name -> TaskConfig. Typed after composition (see task_configs), so that `+task.tasks.<name>.path=...`
+    # can add a task from the command line (OmegaConf cannot grow a dict of dataclasses key by key).
+    tasks: Dict[str, Any] = field(default_factory=dict)
     # proportional (to size) | temperature (size^(1/T)) | weights (explicit) | round_robin
     mixture: str = "proportional"
     temperature: float = 2.0
@@ -248,6 +271,11 @@ class TasksConfig:
     # How generated tasks are shown to the model: auto (as a chat turn with the tokenizer's chat
     # template when it has one, else plain text) | chat (always a chat turn) | plain (never).
     prompt_format: str = "auto"
+    # Perception: train a router, a head over the frozen base that tells which task a request is
+    # for, on the tasks' own training prompts (their task is the label); it needs adapters.
+    router: bool = False
+    # The share of steps that train the router (a batch of prompts from every task each).
+    router_share: float = 0.1
 
 
 @dataclass
@@ -265,6 +293,17 @@ class AdapterConfig:
     modules_to_save: List[str] = field(default_factory=list)
     # Also export merged weights (base + adapter) per adapter.
     export_merged: bool = False
+
+
+@dataclass
+class AgentConfig:
+    """How the served agent (model "<run>") routes a request to a task's layer."""
+
+    # Below this router confidence (calibrated probability of its top task) the request goes to
+    # the fallback instead, and the trace says so.
+    min_confidence: float = 0.5
+    # The fallback: None = the base model (no adapter), or a task's name.
+    fallback: Optional[str] = None
 
 
 @dataclass
@@ -303,6 +342,7 @@ class ServeConfig:
     default_max_tokens: int = 16
     max_tokens_limit: int = 1024
     max_body_bytes: int = 1_000_000
+    agent: AgentConfig = field(default_factory=AgentConfig)
 
 
 @dataclass
@@ -453,6 +493,19 @@ def validate(cfg: Config) -> None:
         )
     if d.vocab_size < 256 + 8 and d.tokenizer is None:
         raise ConfigError(f"data.vocab_size={d.vocab_size} is too small for a byte-level BPE: use at least 264")
+    es = tr.early_stopping
+    if es.metric is not None:
+        _choice("trainer.early_stopping.mode", es.mode, ["max", "min"])
+        known = _evaluation_metrics(cfg.task)
+        if es.metric not in known and not (
+            cfg.task.tasks and es.metric.split("/")[:2] in [["eval", t] for t in cfg.task.tasks]
+        ):
+            raise ConfigError(
+                f"trainer.early_stopping.metric={es.metric!r} is not logged by this run's evaluations: use one of "
+                f"{', '.join(known)} (with trainer.early_stopping.mode=min for a loss)"
+            )
+        if es.patience < 1:
+            raise ConfigError(f"trainer.early_stopping.patience={es.patience} must be at least 1 (evaluations)")
     if tr.warmup_steps < 0 or tr.warmup_steps > tr.max_steps:
         raise ConfigError(
             f"trainer.warmup_steps={tr.warmup_steps} must be between 0 and trainer.max_steps={tr.max_steps}"
@@ -480,6 +533,13 @@ def validate(cfg: Config) -> None:
             "tracking.mode=online needs WANDB_API_KEY in the environment: export it, or use tracking=wandb_offline"
         )
     validate_serve(cfg.serve)
+
+
+def _evaluation_metrics(tasks: TasksConfig) -> List[str]:
+    """The metrics each evaluation logs for this task set (per task more: eval/<task>/...)."""
+    if not tasks.tasks:
+        return ["val/loss", "val/perplexity"]
+    return ["eval/mean_score", "val/loss", "eval/mean_exact_match"] + [f"eval/{t}/score" for t in tasks.tasks]
 
 
 def validate_serve(s: ServeConfig) -> None:
@@ -519,6 +579,10 @@ def validate_serve(s: ServeConfig) -> None:
             f"serve.max_ongoing_requests={s.max_ongoing_requests} is below serve.max_batch_size={s.max_batch_size}: "
             f"a replica could never fill a batch; set serve.max_ongoing_requests to at least {s.max_batch_size}"
         )
+    if not 0.0 <= s.agent.min_confidence <= 1.0:
+        raise ConfigError(
+            f"serve.agent.min_confidence={s.agent.min_confidence} must be a probability in [0, 1] (e.g. 0.5)"
+        )
     if s.max_tokens_limit < s.default_max_tokens:
         raise ConfigError(
             f"serve.max_tokens_limit={s.max_tokens_limit} is below serve.default_max_tokens={s.default_max_tokens}: "
@@ -555,8 +619,21 @@ def _validate_tasks(tasks: TasksConfig, adapter: AdapterConfig, trainer: Trainer
             "adapter.modules_to_save is for LoRA adapters (adapter=lora|per_task_lora); adapter=none trains every "
             "module already: remove it"
         )
+    if tasks.router:
+        if adapter.name == "none":
+            raise ConfigError(
+                "task.router=true reads the base model with the task adapters off, so the base must stay frozen: "
+                "use adapter=per_task_lora (or lora)"
+            )
+        if len(tasks.tasks) < 2:
+            raise ConfigError("task.router=true needs at least two tasks to choose between")
+        if not 0 < tasks.router_share < 1:
+            raise ConfigError(f"task.router_share={tasks.router_share} must be between 0 and 1 (e.g. 0.1)")
     for name, task in tasks.tasks.items():
         key = f"task.tasks.{name}"
+        if name == "router":
+            raise ConfigError(f"{key}: 'router' is the name of the router's head: rename the task")
+        _choice(f"{key}.kind", task.kind, ["auto", "generative", "classification"])
         if task.generator is None and task.path is None:
             raise ConfigError(f"{key}.path is not set: give the task's JSONL file ({key}.path=/path/to/train.jsonl)")
         if task.generator is not None and task.path is not None:
@@ -623,9 +700,38 @@ def compose(overrides: List[str]) -> tuple[Config, Any]:
             cfg = OmegaConf.to_object(full)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain(e)) from e
+    cfg.task.tasks = task_configs(cfg.task.tasks)
     _absolute_paths(cfg)
     validate(cfg)
     return cfg, full
+
+
+def task_configs(raw: Dict[str, Any]) -> Dict[str, TaskConfig]:
+    """The `task.tasks` entries as typed TaskConfigs; a wrong key or type names the entry."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    typed = {}
+    for name, entry in raw.items():
+        if isinstance(entry, TaskConfig):
+            typed[name] = entry
+            continue
+        if not isinstance(entry, dict):
+            raise ConfigError(
+                f"task.tasks.{name} must be a mapping of task settings (generator or path, ...), got {entry!r}"
+            )
+        try:
+            typed[name] = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig), entry))
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+            if "not in" in str(e) or "Key '" in str(e):
+                raise ConfigError(
+                    f"unknown config key 'task.tasks.{name}.{key}': check the spelling (see TaskConfig in distlm/config.py)"
+                ) from None
+            raise ConfigError(
+                f"task.tasks.{name}.{key}: {str(e).splitlines()[0]}: give a value of the right type"
+            ) from None
+    return typed
 
 
 def _resolve_init_from(init_from: Optional[str], output_root: str) -> Optional[str]:

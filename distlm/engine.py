@@ -89,20 +89,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [g for g in groups if g["params"]]
 
 
-class IdleSkippingAdamW(torch.optim.AdamW):
-    """AdamW that leaves a group marked `skip_when_idle` untouched (weights, moments, step
-    count, weight decay) unless it is named in `active`: a per-task adapter changes only on
-    its own task's steps. The loop names the active group, so no gradient has to be read
-    (no host synchronisation) to find the idle ones. DeepSpeed keeps one flat partition per
-    group, so whole groups are skipped exactly."""
+class TaskAwareAdamW(torch.optim.AdamW):
+    """AdamW whose groups may belong to tasks (a "tasks" list): a group trains only on steps of
+    those tasks and is left untouched otherwise (weights, moments, step count, weight decay), so
+    a per-task adapter or head changes only on its own task's steps. The loop says whose step
+    it is (`step_task`), so no gradient has to be read (no host synchronisation) to find the
+    idle groups. DeepSpeed keeps one flat partition per group, so whole groups are skipped."""
 
-    active: Optional[set] = None  # names of the groups that trained this step; None = all
+    step_task: Optional[str] = None  # None: every group trains
 
     @torch.no_grad()
     def step(self, closure=None):
         hidden = []
         for group in self.param_groups:
-            if group.get("skip_when_idle") and self.active is not None and group.get("name") not in self.active:
+            owners = group.get("tasks")
+            if self.step_task is not None and owners is not None and self.step_task not in owners:
                 hidden.append((group, [p.grad for p in group["params"]]))
                 for p in group["params"]:
                     p.grad = None  # AdamW skips parameters without a gradient
@@ -154,13 +155,14 @@ class Engine:
         if zero.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            if any(g.get("skip_when_idle") for g in groups):
+            if any(g.get("tasks") for g in groups):
                 raise ConfigError(
-                    "adapter=per_task_lora cannot use zero.offload_optimizer: use zero=zero2 or zero=zero3"
+                    "multi-task fine-tuning cannot use zero.offload_optimizer (its optimizer cannot leave a task's "
+                    "layers untouched on other tasks' steps): use zero=zero2 or zero=zero3"
                 )
             optimizer = DeepSpeedCPUAdam(groups, lr=trainer.lr, betas=betas, adamw_mode=True)
         else:
-            optimizer = IdleSkippingAdamW(groups, lr=trainer.lr, betas=betas, foreach=False)
+            optimizer = TaskAwareAdamW(groups, lr=trainer.lr, betas=betas, foreach=False)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(trainer))
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -184,11 +186,11 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
 
-    def train_only(self, groups: Optional[List[str]]) -> None:
-        """The optimizer groups (adapters) this step trains; the others stay untouched. None = all."""
+    def set_step_task(self, task: Optional[str]) -> None:
+        """Whose step this is: optimizer groups of other tasks stay untouched (None = all train)."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # DeepSpeed's ZeRO optimizer wraps ours
-        if isinstance(inner, IdleSkippingAdamW):
-            inner.active = None if groups is None else set(groups)
+        if isinstance(inner, TaskAwareAdamW):
+            inner.step_task = task
 
     def step(self) -> None:
         # DeepSpeed counts micro steps and applies the optimizer at the accumulation boundary.

@@ -8,6 +8,7 @@ the trained model's logits, and renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -19,10 +20,14 @@ from safetensors.torch import save_file
 
 from distlm.checkpoint import CheckpointError, verify
 from distlm.config import ConfigError
+from distlm.heads import HEADS_DIR, ROUTER
 
 MAX_SHARD_BYTES = 2 * 1024**3
 ADAPTERS_DIR = "adapters"  # export/adapters/<name>/: peft layout
 PEFT_PREFIX = "base_model.model."
+# What a served model id selects besides a task: the agent (`<run>` with a router), the base (`<run>:base`).
+AGENT = "__agent__"
+BASE = "base"
 
 
 def _saved_names(config) -> List[str]:
@@ -119,8 +124,16 @@ def export_checkpoint(
 
     base = _ShardWriter(tmp)
     adapter_tensors: Dict[str, Dict[str, torch.Tensor]] = {a: {} for a in adapters}
+    heads = json.loads((checkpoint / "heads.json").read_text()) if (checkpoint / "heads.json").exists() else {}
+    head_tensors: Dict[str, Dict[str, torch.Tensor]] = {h: {} for h in heads}
     found = set()
     for name, tensor in iter_fp32_state_dict(checkpoint_dir, manifest["zero_stage"]):
+        if heads:  # a TaskModel: the language model under `lm.`, the heads under `heads.<name>.`
+            if name.startswith("heads."):
+                head, _, key = name.removeprefix("heads.").rpartition(".")
+                head_tensors[head][key] = tensor.clone()
+                continue
+            name = name.removeprefix("lm.")
         adapter, name = _split(name, adapters)
         if adapter is not None:
             # A copy: tied module copies (embedding and head) arrive as one shared tensor.
@@ -151,16 +164,20 @@ def export_checkpoint(
             adapter_tensors[adapter_dir.name], str(target / "adapter_model.safetensors"), metadata={"format": "pt"}
         )
 
+    for head, spec in heads.items():
+        _write_head(tmp, head, spec, head_tensors[head], checkpoint_dir)
+
     info = {
         "checkpoint": str(checkpoint_dir),
         "step": manifest["step"],
         "zero_stage": manifest["zero_stage"],
         "shards": shards,
         "adapters": adapters,
+        "heads": sorted(heads),
     }
     probe = checkpoint / "probe.pt"
     if verify_logits and probe.exists():
-        info["probe_max_abs_diff"] = _check_probe(tmp, probe, adapters)
+        info["probe_max_abs_diff"] = _check_probe(tmp, probe, adapters, list(heads))
     if merged and adapters:
         _write_merged(tmp, adapters)
     (tmp / "distlm_export.json").write_text(json.dumps(info, indent=2))
@@ -168,6 +185,26 @@ def export_checkpoint(
         shutil.rmtree(out)
     tmp.rename(out)
     return info
+
+
+def head_dir(export_dir: Path, name: str) -> Path:
+    """Where an exported head lives: export/router/ for the router, export/heads/<task>/ otherwise."""
+    return Path(export_dir) / (ROUTER if name == ROUTER else f"{HEADS_DIR}/{name}")
+
+
+def _write_head(export_dir: Path, name: str, spec: Dict, tensors: Dict[str, torch.Tensor], checkpoint: str) -> None:
+    from distlm.heads import head_config
+
+    if set(tensors) != {"weight", "bias"}:
+        raise CheckpointError(f"checkpoint {checkpoint} has no complete weights for the head {name!r}")
+    target = head_dir(export_dir, name)
+    target.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(target / "head.safetensors"), metadata={"format": "pt"}
+    )
+    config = head_config(name, spec["labels"], spec["adapter"], spec.get("temperature", 1.0))
+    config["in_features"] = int(tensors["weight"].shape[1])
+    (target / "head_config.json").write_text(json.dumps(config, indent=2))
 
 
 def load_exported(export_dir: str, adapters: Optional[List[str]] = None):
@@ -192,7 +229,7 @@ def load_exported(export_dir: str, adapters: Optional[List[str]] = None):
 PROBE_TOLERANCE = {"fp32": 1e-4, "bf16": 0.25, "fp16": 0.05}
 
 
-def _check_probe(export_dir: Path, probe_path: Path, adapters: List[str]) -> float:
+def _check_probe(export_dir: Path, probe_path: Path, adapters: List[str], heads: Optional[List[str]] = None) -> float:
     """Reload the export with plain transformers/peft and compare with the trained model's logits
     (in the precision it trained in: bf16 training keeps fp32 master weights, which the export holds)."""
     from transformers.utils import logging as hf_logging
@@ -214,6 +251,21 @@ def _check_probe(export_dir: Path, probe_path: Path, adapters: List[str]) -> flo
                 diffs.append(_max_diff(model, probe["input_ids"], probe["adapters"][name]))
         else:
             diffs.append(_max_diff(model, probe["input_ids"], probe["logits"]))
+        for name in heads or []:
+            from distlm.heads import load_head, pooled_hidden
+
+            layer, config = load_head(head_dir(export_dir, name))
+            layer = layer.to(DTYPES[precision])
+            ids = probe["input_ids"]
+            if config["adapter"] is None:
+                context = model.disable_adapter() if adapters else contextlib.nullcontext()
+            else:
+                model.set_adapter(config["adapter"])
+                context = contextlib.nullcontext()
+            with context:
+                features = pooled_hidden(model, ids, torch.ones_like(ids))
+            logits = layer(features.to(layer.weight.dtype)).float()
+            diffs.append(float((logits - probe["heads"][name]).abs().max()))
     diff = max(diffs)
     if diff > tolerance:
         raise CheckpointError(
@@ -258,24 +310,47 @@ def newest_checkpoint(run_dir: str) -> str:
 
 @dataclass(frozen=True)
 class ExportInfo:
-    """Where an export lives and the names it is served under."""
+    """Where an export lives and the names it is served under: `<name>` (the agent when the export
+    has a router, else the base model), `<name>:base`, and `<name>:<task>` for each task's layer."""
 
     path: str  # the export directory (config.json, weights, tokenizer)
-    name: str  # the base model's id in the API
+    name: str  # the model's id in the API
     adapters: Dict[str, str] = field(default_factory=dict)  # task -> adapter directory (peft layout)
+    heads: Dict[str, str] = field(default_factory=dict)  # classification task -> head directory
+    router: Optional[str] = None  # the router's directory
+
+    @property
+    def tasks(self) -> List[str]:
+        return sorted(set(self.adapters) | set(self.heads))
 
     @property
     def model_ids(self) -> List[str]:
-        return [self.name] + [f"{self.name}:{task}" for task in self.adapters]
+        # `<name>:base` is listed where `<name>` is the agent (it is accepted either way).
+        base = [f"{self.name}:{BASE}"] if self.router else []
+        return [self.name, *base] + [f"{self.name}:{task}" for task in self.tasks]
 
-    def adapter_for(self, model_id: str) -> Optional[str]:
-        """The task adapter a model id selects (None = the base model); KeyError if unknown."""
+    def task_for(self, model_id: str) -> Optional[str]:
+        """What a model id selects: AGENT (the router picks a task per request), None (the base
+        model) or a task; KeyError if the id is unknown."""
         if model_id == self.name:
-            return None
+            return AGENT if self.router else None
         base, _, task = model_id.partition(":")
-        if base == self.name and task in self.adapters:
+        if base == self.name and task == BASE:
+            return None
+        if base == self.name and task in self.tasks:
             return task
         raise KeyError(model_id)
+
+    def describe(self, model_id: str) -> str:
+        task = self.task_for(model_id)
+        if task == AGENT:
+            return f"the agent: its router sends each request to one of {', '.join(self.tasks)} (or the base model)"
+        if task is None:
+            return "the base model, no task layer"
+        if task in self.heads:
+            under = " with its LoRA adapter under it" if task in self.adapters else ""
+            return f"task {task}: a classification head{under}; answers with a label"
+        return f"task {task}: the base model with this task's LoRA adapter"
 
 
 def find_export(path: str, model_name: Optional[str] = None) -> ExportInfo:
@@ -319,4 +394,17 @@ def find_export(path: str, model_name: Optional[str] = None) -> ExportInfo:
                 f"{task_dir / 'adapter_config.json'} is not valid JSON ({e}): re-export the adapter"
             ) from e
         adapters[task_dir.name] = str(task_dir)
-    return ExportInfo(str(export), name, adapters)
+    heads = {}
+    for directory in [export / ROUTER, *sorted((export / HEADS_DIR).glob("*"))]:
+        if not directory.is_dir():
+            continue
+        if not (directory / "head_config.json").is_file() or not (directory / "head.safetensors").is_file():
+            raise ConfigError(
+                f"head {directory} is incomplete: it needs head_config.json and head.safetensors; re-export the run "
+                "(distlm export) or remove the directory"
+            )
+        heads[directory.name] = str(directory)
+    if BASE in adapters or BASE in heads:
+        raise ConfigError(f"{export} has a task named {BASE!r}, which `<model>:{BASE}` reserves: rename the task")
+    router = heads.pop(ROUTER, None)
+    return ExportInfo(str(export), name, adapters, heads, router)

@@ -176,10 +176,62 @@ def check(shape: ModelShape, s: Setting, device: str, budget: Optional[float], w
     raise ConfigError(message + " (distlm plan shows the estimate; trainer.memory_check=false skips this check)")
 
 
+# What transformers' configs default to where a model preset leaves a size out (checked against
+# the meta-device build for every preset in tests/test_memory.py).
+_FORMULA_ARCHS = {
+    # arch: (default feed-forward width as a multiple of hidden or None, q/k/v bias, tied embeddings)
+    "llama": (None, False, False),
+    "mistral": (None, False, False),
+    "qwen2": (None, True, False),
+    "gpt2": (4, True, True),
+}
+_FORMULA_EXTRA = {"num_key_value_heads", "tie_word_embeddings"}
+
+
+def formula_shape(model_cfg, adapter_cfg, vocab_size: int, seq_len: int) -> Optional[ModelShape]:
+    """The sizes of a randomly initialised Llama-family or GPT-2 model with no adapters, counted
+    by formula. It saves importing transformers (seconds), so that a run that does not fit stops
+    in seconds; None when the formula does not cover the config (the caller builds a skeleton)."""
+    known = _FORMULA_ARCHS.get(model_cfg.arch)
+    if known is None or adapter_cfg.name != "none" or model_cfg.pretrained or set(model_cfg.extra) - _FORMULA_EXTRA:
+        return None
+    ffn_multiple, qkv_bias, tied_default = known
+    h, layers, heads = model_cfg.hidden_size, model_cfg.num_layers, model_cfg.num_heads
+    ffn = model_cfg.intermediate_size or (ffn_multiple * h if ffn_multiple else None)
+    if ffn is None:
+        return None
+    tied = model_cfg.extra.get("tie_word_embeddings", tied_default)
+    if model_cfg.arch == "gpt2":
+        # c_attn, c_proj, c_fc, mlp c_proj (all with biases), two LayerNorms; wpe; final LayerNorm.
+        layer = (h * 3 * h + 3 * h) + (h * h + h) + (h * ffn + ffn) + (ffn * h + h) + 2 * 2 * h
+        extra = seq_len * h + 2 * h
+    else:
+        kv = model_cfg.extra.get("num_key_value_heads", heads) * (h // heads)
+        # q, k, v, o projections; gate, up, down; two RMSNorms; final RMSNorm.
+        layer = h * h + 2 * h * kv + h * h + (h + 2 * kv if qkv_bias else 0) + 3 * h * ffn + 2 * h
+        extra = h
+    embeddings = vocab_size * h * (1 if tied else 2)
+    params = embeddings + layers * layer + extra
+    return ModelShape(
+        params=params,
+        trainable=params,
+        layers=layers,
+        hidden=h,
+        heads=heads,
+        vocab=vocab_size,
+        largest_param=max(vocab_size * h, h * ffn, h * 3 * h if model_cfg.arch == "gpt2" else h * h),
+    )
+
+
 def model_shape(
     model_cfg, adapter_cfg, tasks: List[str], vocab_size: int, seq_len: int, eos_id: int, source: Optional[str]
 ) -> ModelShape:
-    """The model's sizes from a weightless skeleton (meta device): counts with adapters applied."""
+    """The model's sizes: by formula where it covers the model, else from a weightless skeleton
+    (meta device) with adapters applied."""
+    if source is None:
+        counted = formula_shape(model_cfg, adapter_cfg, vocab_size, seq_len)
+        if counted is not None:
+            return counted
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -18,6 +18,9 @@ from distlm.config import TrackingConfig
 
 
 class NullTracker:
+    def take_unsaved(self) -> List[Dict[str, Any]]:
+        return []
+
     run_id: Optional[str] = None
 
     def log(self, metrics: Dict[str, float], step: int) -> None:
@@ -34,6 +37,9 @@ class Tracker:
         self.sink = sink
         self.wandb = None
         self.run_id = run_id
+        # Records since the last checkpoint: saved in it, so that a driver killed before it wrote
+        # them to metrics.jsonl loses none (the resumed run's driver reads them back).
+        self.unsaved: List[Dict[str, Any]] = []
         if cfg.backend == "wandb":
             import wandb
 
@@ -55,9 +61,14 @@ class Tracker:
     def log(self, metrics: Dict[str, float], step: int) -> None:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+        self.unsaved.append({"step": step, **metrics})
         if self.sink is not None:
             # Fire and forget: the driver writes metrics.jsonl and drives the progress bar.
             self.sink.put.remote({"step": step, **metrics})
+
+    def take_unsaved(self) -> List[Dict[str, Any]]:
+        out, self.unsaved = self.unsaved, []
+        return out
 
     def finish(self) -> None:
         if self.wandb is not None:

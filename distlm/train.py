@@ -20,12 +20,13 @@ import ray.train
 import torch
 
 from distlm import adapters
-from distlm.checkpoint import TrainState, read_train_state, write_train_state
+from distlm.checkpoint import TrainState, read_train_state, write_records, write_train_state
 from distlm.config import Config
 from distlm.data.batches import PretrainBatches, TaskBatches, encode_example
 from distlm.data.tasks import load_tasks
 from distlm.engine import Engine
-from distlm.evaluate import evaluate_tasks, validation_loss
+from distlm.evaluate import evaluate_tasks, validation_loss, write_report
+from distlm.heads import TaskModel, head_adapter, write_heads_config
 from distlm.models import build_model, flops_per_token
 from distlm.runtime import all_reduce_sum, resolve_runtime
 from distlm.tracking import StopSignal, make_tracker, measure_matmul_peak, memory_now, process_rss, report_placement
@@ -61,20 +62,39 @@ def train_worker(config: Dict[str, Any]) -> None:
     engine = Engine(cfg.zero, tr, runtime, world)
     model = build_model(cfg.model, vocab_size, seq_len, eos_id, tr.seed, cfg.init_from, engine.gather)
     model_flops_per_token = flops_per_token(model, seq_len)
-    torch.manual_seed(tr.seed)  # adapter initialisation: the same in every run and on every rank
-    model = adapters.apply_adapters(model, cfg.adapter, list(tasks))
+    torch.manual_seed(tr.seed)  # adapters' and heads' initialisation: the same in every run and on every rank
+    model = lm = adapters.apply_adapters(model, cfg.adapter, list(tasks))
+    heads = {name: task.labels for name, task in tasks.items() if task.is_classification}
+    if heads:  # classification tasks and the router: linear heads over the model's hidden states
+        model = TaskModel(lm, heads)
     engine.prepare(model, adapters.param_groups(model, cfg.adapter, list(tasks), tr.weight_decay))
 
     def activate(task: Optional[str]) -> None:
-        adapters.activate(engine.module, cfg.adapter, task)
-        if cfg.adapter.name == "per_task_lora":
-            engine.train_only([task] if task is not None else None)
+        """Route the step through `task`'s layers; the optimizer leaves other tasks' layers alone."""
+        adapters.activate(lm, cfg.adapter, task)
+        engine.set_step_task(task)
+
+    temperatures: Dict[str, float] = {}  # each head's calibration at the newest evaluation
 
     def evaluate() -> Dict[str, float]:
         if tasks:
-            return evaluate_tasks(
-                engine.module, tokenizer, tasks, cfg.task, engine.device, rank, world, engine.zero_stage == 3, activate
+            reports: Dict[str, Dict] = {}
+            metrics = evaluate_tasks(
+                engine.module,
+                tokenizer,
+                tasks,
+                cfg.task,
+                engine.device,
+                rank,
+                world,
+                engine.zero_stage == 3,
+                activate,
+                reports=reports,
             )
+            if rank == 0 and reports:  # confusion matrices of the classifications (and the router)
+                write_report(cfg.run_dir, state.step, reports)
+            temperatures.update({name: report["temperature"] for name, report in reports.items()})
+            return metrics
         engine.eval()
         loss = validation_loss(engine, batches.val, tr.micro_batch_size, tr.eval_batches, rank, world, engine.device)
         engine.train()
@@ -98,14 +118,16 @@ def train_worker(config: Dict[str, Any]) -> None:
     if state.step == 0:  # the starting point of the curves (and the "before" of fine-tuning)
         tracker.log(evaluate(), 0)
     engine.train()
+    early = tr.early_stopping
     window = _Window(engine.device)  # what happened since the last logged step
     memory_reported = False
     while state.step < tr.max_steps:
         lr = engine.lr()
         step = batches.next(state.step)
         activate(step.task)
+        head = {"head": step.head} if step.head else {}  # a classification step: which head reads the model
         for micro_batch in step.micro_batches:
-            loss = engine(**{k: v.to(engine.device, non_blocking=True) for k, v in micro_batch.items()}).loss
+            loss = engine(**{k: v.to(engine.device, non_blocking=True) for k, v in micro_batch.items()}, **head).loss
             engine.backward(loss)
             engine.step()
             mask = micro_batch.get("attention_mask")  # on the host: counting tokens costs no sync
@@ -115,7 +137,8 @@ def train_worker(config: Dict[str, Any]) -> None:
         window.tasks.add(step.task)
         last = state.step == tr.max_steps
         evaluating = state.step % tr.eval_every == 0 or last
-        saving = state.step % tr.checkpoint_every == 0 or last
+        # With early stopping every evaluated step is a candidate for the export: it gets a checkpoint.
+        saving = state.step % tr.checkpoint_every == 0 or last or (evaluating and early.metric is not None)
         if not (state.step % tr.log_every == 0 or evaluating or saving):
             continue  # no collective and no host synchronisation on steps that do not log
         # One collective and one host sync: the window's loss and tokens, and the stop vote.
@@ -142,18 +165,29 @@ def train_worker(config: Dict[str, Any]) -> None:
             # Model states as held between steps (after the optimizer's first step made its moments).
             memory_reported = True
             sink.put_memory.remote(rank, {"start_rss": rss_at_start, "states": memory_now(engine.device)["tensors"]})
+        stopping_early = False
         if evaluating:
             metrics |= evaluate()
+            if early.metric is not None:
+                stopping_early = track_best(state, early, metrics)
+                metrics |= {"early_stopping/best_step": state.best_step, "early_stopping/best": state.best_value}
         tracker.log(metrics, state.step)
         if saving:
-            probe = _probe(engine, batches, tasks, tokenizer, cfg) if last else None
+            probe = _probe(engine, batches, tasks, tokenizer, cfg) if last or early.metric is not None else None
             state.sampler = batches.state_dict()
-            save_checkpoint(engine, state, rank, world, metrics, cfg, list(tasks), probe)
+            reported = metrics | checkpoint_score(early, metrics, evaluating)
+            save_checkpoint(
+                engine, state, rank, world, reported, cfg, list(tasks), probe, temperatures, tracker.take_unsaved()
+            )
+        if stopping_early:
+            break
         # Preemption (SIGTERM to the driver): every rank saves this step, unless just saved, and stops.
         if not last and stop_votes > 0:
             if not saving:
                 state.sampler = batches.state_dict()
-                save_checkpoint(engine, state, rank, world, metrics, cfg, list(tasks))
+                save_checkpoint(
+                    engine, state, rank, world, metrics, cfg, list(tasks), None, temperatures, tracker.take_unsaved()
+                )
             break
         window = _Window(engine.device)
     if sink is not None:
@@ -170,6 +204,8 @@ def save_checkpoint(
     cfg: Config,
     task_names: List[str],
     probe=None,
+    temperatures: Optional[Dict[str, float]] = None,
+    records: Optional[List[Dict[str, Any]]] = None,
 ) -> None:
     """Each rank writes its shards to a local temp dir; Ray Train merges them into the run's
     storage and registers the checkpoint only once every rank has reported."""
@@ -178,12 +214,16 @@ def save_checkpoint(
         engine.save(directory)
         write_train_state(directory, state, rank, world, engine.zero_stage)
         if rank == 0:
-            # What `distlm export` needs to rebuild the model (and its adapters) offline.
-            _base_model(engine.module).config.save_pretrained(directory)
+            # What `distlm export` needs to rebuild the model (and its adapters and heads) offline.
+            lm = getattr(engine.module, "lm", engine.module)
+            _base_model(lm).config.save_pretrained(directory)
             if adapters.adapter_names(cfg.adapter, task_names):
-                adapters.save_adapter_configs(engine.module, directory)
+                adapters.save_adapter_configs(lm, directory)
+            if hasattr(engine.module, "heads"):
+                write_heads_config(directory, engine.module.labels, cfg.adapter, task_names, temperatures or {})
             if probe is not None:
                 torch.save(probe, Path(directory) / "probe.pt")
+            write_records(directory, records or [])
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -194,7 +234,7 @@ def save_checkpoint(
 
 
 def _probe(engine: Engine, batches, tasks, tokenizer, cfg: Config) -> Dict[str, Any]:
-    """Logits of the trained model (and of each adapter) on a fixed input: the export is
+    """Logits of the trained model (and of each adapter and head) on a fixed input: the export is
     checked against them."""
     if tasks:
         prompt, target = next(iter(tasks.values())).eval[0]
@@ -203,24 +243,64 @@ def _probe(engine: Engine, batches, tasks, tokenizer, cfg: Config) -> Dict[str, 
         ids = torch.stack([batches.val[i] for i in range(min(2, len(batches.val)))])
     module = engine.module
     module.eval()
+    lm = getattr(module, "lm", module)
     names = adapters.adapter_names(cfg.adapter, list(tasks))
     # The precision the logits were computed in: the export (fp32 master weights) is checked in it.
     probe: Dict[str, Any] = {"input_ids": ids, "precision": engine.runtime.precision}
+    device_ids = ids.to(engine.device)
     with torch.no_grad():
         if names:
-            with module.disable_adapter():
-                probe["logits"] = module(input_ids=ids.to(engine.device)).logits.float().cpu()
+            with lm.disable_adapter():
+                probe["logits"] = lm(input_ids=device_ids).logits.float().cpu()
             probe["adapters"] = {}
             for name in names:
-                module.set_adapter(name)
-                probe["adapters"][name] = module(input_ids=ids.to(engine.device)).logits.float().cpu()
+                lm.set_adapter(name)
+                probe["adapters"][name] = lm(input_ids=device_ids).logits.float().cpu()
         else:
-            probe["logits"] = engine(input_ids=ids.to(engine.device)).logits.float().cpu()
+            probe["logits"] = lm(input_ids=device_ids).logits.float().cpu()
+        if hasattr(module, "heads"):
+            probe["heads"] = {}
+            mask = torch.ones_like(device_ids)
+            for name in module.heads:
+                adapter = head_adapter(name, cfg.adapter, list(tasks))
+                if adapter is not None:
+                    lm.set_adapter(adapter)
+                logits = module(head=name, input_ids=device_ids, attention_mask=mask).logits
+                probe["heads"][name] = logits.float().cpu()
     return probe
 
 
 def _base_model(module: torch.nn.Module) -> torch.nn.Module:
     return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
+def track_best(state: TrainState, early, metrics: Dict[str, float]) -> bool:
+    """Note the evaluation's early-stopping metric in the train state; True once it has not improved
+    for `patience` evaluations in a row. Every rank sees the same (all-reduced) metrics."""
+    if early.metric not in metrics:
+        known = ", ".join(sorted(k for k in metrics if k.startswith(("eval/", "val/")) and k.count("/") <= 2)[:12])
+        raise ValueError(
+            f"trainer.early_stopping.metric={early.metric!r} is not logged by this run's evaluations: use one of {known}"
+        )
+    value, best = float(metrics[early.metric]), state.best_value
+    if early.mode == "max":
+        improved = best is None or value > best + early.min_delta
+    else:
+        improved = best is None or value < best - early.min_delta
+    if improved:
+        state.best_value, state.best_step, state.evals_since_best = value, state.step, 0
+        return False
+    state.evals_since_best += 1
+    return state.evals_since_best >= early.patience
+
+
+def checkpoint_score(early, metrics: Dict[str, float], evaluating: bool) -> Dict[str, float]:
+    """What Ray Train ranks checkpoints by under early stopping (it keeps the best and the newest):
+    the metric on evaluated steps, the worst value on others."""
+    if early.metric is None:
+        return {}
+    worst = float("-inf") if early.mode == "max" else float("inf")
+    return {"checkpoint/score": float(metrics[early.metric]) if evaluating else worst}
 
 
 class _Window:

@@ -49,7 +49,7 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
         )
 
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from distlm.tracking import MetricsSink
@@ -80,10 +80,17 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
             name=CHECKPOINTS,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints),
+            checkpoint_config=_checkpoint_config(cfg),
         ),
     )
     metrics_path = run_dir / "metrics.jsonl"
+    if snapshot.exists():
+        from distlm.checkpoint import recover_records
+
+        if recovered := recover_records(snapshot.parent, metrics_path):
+            console.log(
+                f"metrics.jsonl: {recovered} records the interrupted run had not written, read back from its checkpoints"
+            )
     with _StopOnSigterm(sink, console) as stop, _Progress(sink, metrics_path, cfg.trainer.max_steps, console):
         result = trainer.fit()
     # Which node each rank ran on and the rendezvous address it used (multi-node debugging).
@@ -94,6 +101,11 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
         raise result.error
     checkpoint = result.checkpoint.path
     step = _checkpoint_step(checkpoint)
+    best = _best_step(metrics_path, cfg)
+    if best is not None and best != step and not stop.requested:
+        stopped = "stopped early" if step < cfg.trainer.max_steps else "finished"
+        checkpoint = str(Path(checkpoint).parent / f"step_{best:08d}")
+        console.log(f"early stopping: {stopped} at step {step}; the best evaluation was step {best}: exporting it")
     if stop.requested and step < cfg.trainer.max_steps:
         raise Preempted(
             f"stopped by SIGTERM at step {step} of {cfg.trainer.max_steps} with a checkpoint ({checkpoint}): "
@@ -103,7 +115,7 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
     plot_losses(str(metrics_path), str(run_dir / "loss.png"))
     summary = {"run_dir": str(run_dir), "checkpoint": checkpoint, "export": None, **_last_losses(metrics_path)}
     if cfg.task.tasks:
-        summary["tasks"] = task_table(str(metrics_path), list(cfg.task.tasks))
+        summary["tasks"] = task_table(str(metrics_path), list(cfg.task.tasks), _checkpoint_step(checkpoint))
         (run_dir / "best.json").write_text(json.dumps(best_steps(str(metrics_path), list(cfg.task.tasks)), indent=2))
     if not cfg.trainer.export:
         console.log(f"trainer.export=false: `distlm export {run_dir}` writes the export from that checkpoint")
@@ -125,8 +137,34 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
         f"export: {run_dir / 'export'} (max |logit diff| vs trained model {info.get('probe_max_abs_diff', float('nan')):.1e})"
     )
     summary["export"] = str(run_dir / "export")
+    if cfg.task.router:
+        # The agent end to end on the export, in this process: every held-out example where the router sends it.
+        from distlm.evaluate import evaluate_export
+
+        console.log("evaluating the agent (router -> task layer) on the export")
+        agent = cfg.serve.agent
+        metrics, _, tasks, adapters = evaluate_export(
+            summary["export"], cfg.task, cfg.trainer.seed, agent.min_confidence, agent.fallback
+        )
+        (run_dir / "agent_eval.json").write_text(json.dumps(metrics, indent=2))
+        examples = {n: (t.kind, min(len(t.eval), cfg.task.eval_examples)) for n, t in tasks.items()}
+        summary["agent"] = {"metrics": metrics, "tasks": examples, "adapters": adapters}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _checkpoint_config(cfg: Config):
+    """Keep the newest keep_checkpoints; with early stopping, the best by its metric (and the newest)."""
+    from ray.train import CheckpointConfig
+
+    early = cfg.trainer.early_stopping
+    if early.metric is None:
+        return CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints)
+    return CheckpointConfig(
+        num_to_keep=cfg.trainer.keep_checkpoints,
+        checkpoint_score_attribute="checkpoint/score",
+        checkpoint_score_order=early.mode,
+    )
 
 
 def _prepare_inputs(cfg: Config, console):
@@ -192,15 +230,15 @@ def _write_memory(run_dir: Path, measured: List[Dict[str, float]], plan, console
 def _resolve_pretrained(cfg: Config, console) -> None:
     """.gguf files given as the model, init_from or tokenizer become Hugging Face directories,
     converted once on the driver into the data cache; the workers then load those."""
-    from distlm.models import is_gguf, resolve_pretrained
-
     for section, key, name in [
         (cfg, "init_from", "init_from"),
         (cfg.model, "pretrained", "model.pretrained"),
         (cfg.data, "tokenizer", "data.tokenizer"),
     ]:
         path = getattr(section, key)
-        if is_gguf(path):
+        if path is not None and str(path).lower().endswith(".gguf"):
+            from distlm.models import resolve_pretrained  # imports transformers: only when needed
+
             converted = resolve_pretrained(path, cfg.data.cache_dir)
             console.log(f"{name}: {path} as the Hugging Face directory {converted}")
             setattr(section, key, converted)
@@ -251,6 +289,16 @@ class _StopOnSigterm:
 
         self.console.log("SIGTERM: the workers save a checkpoint and stop")
         ray.get(self.sink.request_stop.remote(), timeout=60)
+
+
+def _best_step(metrics_path: Path, cfg: Config) -> Optional[int]:
+    """Under early stopping, the step whose evaluation was best (the workers' own record of it)."""
+    if cfg.trainer.early_stopping.metric is None:
+        return None
+    from distlm.tracking import read_metrics
+
+    steps = [r["early_stopping/best_step"] for r in read_metrics(str(metrics_path)) if "early_stopping/best_step" in r]
+    return int(steps[-1]) if steps else None
 
 
 def _checkpoint_step(checkpoint: str) -> int:
@@ -339,26 +387,30 @@ class _Progress:
         self.bar.update(self.task, completed=records[-1]["step"], **fields)
 
 
-def task_table(metrics_path: str, tasks: List[str]) -> Dict[str, Dict[str, float]]:
-    """Per task: exact match and loss before fine-tuning (step 0) and after (last evaluation)."""
+def task_table(metrics_path: str, tasks: List[str], step: Optional[int] = None) -> Dict[str, Dict[str, Any]]:
+    """Per task: its score (exact match, or accuracy for a classification) and loss before fine-tuning
+    (step 0) and after (the exported step's evaluation, else the last); the router's accuracy; the
+    mean over the tasks."""
     from distlm.tracking import read_metrics
 
-    evals = [r for r in read_metrics(metrics_path) if "eval/mean_exact_match" in r]
+    evals = [r for r in read_metrics(metrics_path) if "eval/mean_score" in r]
     if not evals:
         return {}
-    first, last = evals[0], evals[-1]
-    table = {
-        t: {
-            "exact_match_before": first[f"eval/{t}/exact_match"],
-            "exact_match_after": last[f"eval/{t}/exact_match"],
+    first, last = evals[0], next((r for r in evals if r["step"] == step), evals[-1])
+    table = {}
+    for t in [*tasks, *(["router"] if "eval/router/accuracy" in last else [])]:
+        metric = "exact match" if f"eval/{t}/exact_match" in last else "accuracy"
+        table[t] = {
+            "metric": metric,
+            "before": first[f"eval/{t}/score"],
+            "after": last[f"eval/{t}/score"],
             "loss_before": first[f"eval/{t}/loss"],
             "loss_after": last[f"eval/{t}/loss"],
         }
-        for t in tasks
-    }
     table["mean"] = {
-        "exact_match_before": first["eval/mean_exact_match"],
-        "exact_match_after": last["eval/mean_exact_match"],
+        "metric": "score",
+        "before": first["eval/mean_score"],
+        "after": last["eval/mean_score"],
         "loss_before": sum(table[t]["loss_before"] for t in tasks) / len(tasks),
         "loss_after": sum(table[t]["loss_after"] for t in tasks) / len(tasks),
     }
@@ -366,14 +418,16 @@ def task_table(metrics_path: str, tasks: List[str]) -> Dict[str, Dict[str, float
 
 
 def best_steps(metrics_path: str, tasks: List[str]) -> Dict[str, Dict[str, float]]:
-    """The step with the best exact match per task and overall (ties: the earliest)."""
+    """The step with the best score per task and overall (ties: the earliest)."""
     from distlm.tracking import read_metrics
 
-    evals = [r for r in read_metrics(metrics_path) if "eval/mean_exact_match" in r]
+    evals = [r for r in read_metrics(metrics_path) if "eval/mean_score" in r]
     best = {}
-    for key, name in [(f"eval/{t}/exact_match", t) for t in tasks] + [("eval/mean_exact_match", "overall")]:
+    if not evals:
+        return best
+    for key, name in [(f"eval/{t}/score", t) for t in tasks] + [("eval/mean_score", "overall")]:
         top = max(evals, key=lambda r: (r[key], -r["step"]))
-        best[name] = {"step": top["step"], "exact_match": top[key]}
+        best[name] = {"step": top["step"], "score": top[key]}
     return best
 
 

@@ -31,6 +31,8 @@ def test_every_conf_file_composes(path: Path, tmp_path, monkeypatch):
         overrides.append(f"task.tasks.mine.path={sample}")
     if (group, option) == ("adapter", "per_task_lora"):
         overrides.append("task=suite")
+    if (group, option) == ("task", "agent"):
+        overrides.append("adapter=per_task_lora")  # the router reads the base with adapters off
     if (group, option) == ("experiment", "multitask"):
         overrides.append(f"init_from={tmp_path}")
     cfg, _ = compose(overrides)

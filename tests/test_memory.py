@@ -50,6 +50,44 @@ def test_offloading_moves_states_to_host_memory():
     assert estimate(shape, on, "cpu").total_on("cpu") == pytest.approx(estimate(shape, off, "cpu").total_on("cpu"))
 
 
+@pytest.mark.parametrize("preset", ["tiny", "small", "gpt2", "llama", "qwen2", "llama_1b"])
+def test_formula_counts_equal_the_built_model(preset):
+    """The pre-flight counts random-init models by formula (no transformers import); transformers'
+    own skeleton on the meta device is the reference, for every preset and a Mistral config."""
+    from distlm.config import compose
+    from distlm.memory import formula_shape
+
+    cfg, _ = compose([f"model={preset}"])
+    configs = [cfg.model]
+    if preset == "llama":
+        configs.append(type(cfg.model)(**{**vars(cfg.model), "arch": "mistral", "extra": {"num_key_value_heads": 2}}))
+    for model in configs:
+        counted = formula_shape(model, cfg.adapter, 4096, 64)
+        assert counted is not None, model.arch
+        assert counted == _skeleton_shape(model, 4096, 64), (preset, model.arch)
+
+
+def _skeleton_shape(model_cfg, vocab, seq_len):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distlm.memory import ModelShape
+    from distlm.models import build_config
+
+    hf = build_config(model_cfg, vocab, seq_len, 0)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(hf)
+    return ModelShape(
+        params=sum(p.numel() for p in m.parameters()),
+        trainable=sum(p.numel() for p in m.parameters()),
+        layers=hf.num_hidden_layers,
+        hidden=hf.hidden_size,
+        heads=hf.num_attention_heads,
+        vocab=hf.vocab_size,
+        largest_param=max(p.numel() for p in m.parameters()),
+    )
+
+
 def test_too_big_names_the_figure_and_a_setting_that_fits():
     shape = ModelShape(params=10**9, trainable=10**9, layers=22, hidden=2048, heads=32, vocab=4096, largest_param=10**7)
     setting = Setting(stage=0, world=2, precision="fp32", micro_batch=1, seq_len=32)

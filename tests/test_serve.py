@@ -207,10 +207,12 @@ def test_find_export_and_build_app_errors(run_dir, tmp_path, monkeypatch):
     assert info.name == NAME and info.model_ids == [NAME, f"{NAME}:alpha", f"{NAME}:beta"]
     assert find_export(str(run_dir / "export")).name == NAME
     assert find_export(str(run_dir), "mine").model_ids[1] == "mine:alpha"
-    assert info.adapter_for(f"{NAME}:beta") == "beta" and info.adapter_for(NAME) is None
-    for missing in (f"{NAME}:gamma", "other", "other:alpha"):
+    # No router in this export: the bare name is the base model, as is <name>:base.
+    assert info.task_for(f"{NAME}:beta") == "beta" and info.task_for(NAME) is None
+    assert info.task_for(f"{NAME}:base") is None
+    for missing in (f"{NAME}:gamma", "other", "other:alpha", f"{NAME}:"):
         with pytest.raises(KeyError):
-            info.adapter_for(missing)
+            info.task_for(missing)
 
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ConfigError, match="distlm export"):
@@ -377,7 +379,7 @@ def test_models_health_and_auth(server):
                 assert error["code"] == "invalid_api_key" and "Authorization: Bearer" in error["message"]
     models = server["client"].get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == [NAME, f"{NAME}:alpha", f"{NAME}:beta"]
-    assert models["data"][1]["parent"] == NAME
+    assert models["data"][1]["parent"] == NAME and "LoRA adapter" in models["data"][1]["description"]
     assert_still_serving(server)
 
 

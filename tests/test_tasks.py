@@ -15,7 +15,7 @@ from distlm.data.corpus import DataError
 from distlm.data.mixture import TaskMixture, mixture_weights
 from distlm.data.tasks import TaskData, generate, load_task, read_jsonl
 from distlm.data.tokenizer import train_tokenizer
-from distlm.engine import IdleSkippingAdamW
+from distlm.engine import TaskAwareAdamW
 
 
 @pytest.fixture(scope="module")
@@ -241,15 +241,11 @@ def test_length_bucketing_reduces_padding(tokenizer):
 
 def test_idle_adapter_groups_are_left_untouched():
     a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
-    opt = IdleSkippingAdamW(
-        [{"params": [a], "skip_when_idle": True, "name": "a"}, {"params": [b], "skip_when_idle": True, "name": "b"}],
-        lr=0.1,
-        weight_decay=0.1,
-    )
+    opt = TaskAwareAdamW([{"params": [a], "tasks": ["a"]}, {"params": [b], "tasks": ["b"]}], lr=0.1, weight_decay=0.1)
     a.grad, b.grad = torch.ones(3), torch.ones(3)
     opt.step()
     after_first = b.detach().clone(), {k: v.clone() for k, v in opt.state[b].items()}
-    opt.active = {"a"}  # b's task did not run (even a stale gradient must not move it)
+    opt.step_task = "a"  # b's task did not run (even a stale gradient must not move it)
     a.grad, b.grad = torch.ones(3), torch.ones(3)
     opt.step()
     assert torch.equal(b, after_first[0])

@@ -94,3 +94,24 @@ def test_checkpoint_verification(tmp_path):
         read_train_state(str(tmp_path), rank=0, world_size=4)
     with pytest.raises(CheckpointError, match="manifest"):
         verify(str(tmp_path / "state"))
+
+
+def test_records_lost_by_a_killed_driver_come_back_from_the_checkpoints(tmp_path):
+    """Each checkpoint holds rank 0's records since the previous one; a driver killed after a
+    checkpoint was saved but before it wrote those steps gets them back, once, in step order."""
+    import json
+
+    from distlm.checkpoint import recover_records, write_records
+    from distlm.tracking import read_metrics
+
+    checkpoints, metrics = tmp_path / "checkpoints", tmp_path / "metrics.jsonl"
+    for step in (10, 20):
+        (checkpoints / f"step_{step:08d}").mkdir(parents=True)
+        write_records(
+            str(checkpoints / f"step_{step:08d}"),
+            [{"step": s, "train/loss": float(s)} for s in range(step - 9, step + 1)],
+        )
+    metrics.write_text("".join(json.dumps({"step": s, "train/loss": float(s)}) + "\n" for s in range(1, 18)))
+    assert recover_records(checkpoints, metrics) == 3
+    assert [r["step"] for r in read_metrics(str(metrics))] == list(range(1, 21))
+    assert recover_records(checkpoints, metrics) == 0

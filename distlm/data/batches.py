@@ -9,7 +9,7 @@ ranks and micro steps, so micro batches hold similar lengths and little padding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -17,7 +17,7 @@ from distlm.config import TasksConfig, TrainerConfig
 from distlm.data.corpus import DataError
 from distlm.data.mixture import TaskMixture
 from distlm.data.sampler import ResumableSampler
-from distlm.data.tasks import TaskData
+from distlm.data.tasks import ROUTER, TaskData
 from distlm.data.tokens import PreparedData, TokenBlocks
 
 IGNORE = -100  # label value the loss skips
@@ -27,6 +27,7 @@ IGNORE = -100  # label value the loss skips
 class Step:
     task: Optional[str]
     micro_batches: List[Dict[str, torch.Tensor]]
+    head: Optional[str] = None  # a classification step: the head that reads the hidden states
 
 
 class PretrainBatches:
@@ -56,6 +57,22 @@ def encode_example(tokenizer, prompt: str, target: str) -> Tuple[List[int], List
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     target_ids = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     return prompt_ids + target_ids, [IGNORE] * len(prompt_ids) + target_ids
+
+
+def collate_requests(requests: List[List[int]], labels: List[int], pad_id: int) -> Dict[str, torch.Tensor]:
+    """A classification batch: the requests right-padded (masked from attention) and their classes."""
+    width = max(len(ids) for ids in requests)
+    ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(requests), width), dtype=torch.long)
+    for row, x in enumerate(requests):
+        ids[row, : len(x)] = torch.tensor(x)
+        mask[row, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "class_labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def pad_id(tokenizer) -> int:
+    """The padding id: the tokenizer's, else its end-of-sequence token (padding is masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def collate(examples: List[Tuple[List[int], List[int]]], pad_id: int) -> Dict[str, torch.Tensor]:
@@ -95,11 +112,17 @@ class TaskBatches:
         world: int,
     ):
         self.rank, self.world, self.micro = rank, world, tr.micro_batch_size
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.examples: Dict[str, List[Tuple[List[int], List[int]]]] = {}
+        self.pad_id = pad_id(tokenizer)
+        self.classification = {name: task.labels for name, task in tasks.items() if task.is_classification}
+        self.examples: Dict[str, List[Tuple[List[int], Any]]] = {}
         self.too_long: Dict[str, int] = {}
         for name, task in tasks.items():
-            encoded = [encode_example(tokenizer, p, t) for p, t in task.train]
+            if task.is_classification:
+                index = {label: i for i, label in enumerate(task.labels)}
+                ids = tokenizer([p for p, _ in task.train], add_special_tokens=False).input_ids
+                encoded = [(x, index[label]) for x, (_, label) in zip(ids, task.train)]
+            else:
+                encoded = [encode_example(tokenizer, p, t) for p, t in task.train]
             kept = [e for e in encoded if len(e[0]) <= seq_len]
             self.too_long[name] = len(encoded) - len(kept)
             if len(kept) < tr.global_batch_size:
@@ -109,7 +132,8 @@ class TaskBatches:
                     "add examples, raise data.seq_len or lower the batch size"
                 )
             self.examples[name] = kept
-        self.mixture = TaskMixture(cfg, {n: len(e) for n, e in self.examples.items()}, tr.seed)
+        router = ROUTER if ROUTER in self.examples else None
+        self.mixture = TaskMixture(cfg, {n: len(e) for n, e in self.examples.items()}, tr.seed, router)
         # Each task's sampler walks the whole global batch; ranks take their share below.
         self.samplers = {
             name: ResumableSampler(len(ex), tr.global_batch_size, tr.global_batch_size, 0, 1, tr.seed + i)
@@ -125,9 +149,12 @@ class TaskBatches:
         micro = []
         for start in range(0, len(examples), per_micro_step):
             mine = examples[start + self.rank * self.micro : start + (self.rank + 1) * self.micro]
-            micro.append(only_target_logits(collate(mine, self.pad_id)))
+            if task in self.classification:
+                micro.append(collate_requests([x for x, _ in mine], [y for _, y in mine], self.pad_id))
+            else:
+                micro.append(only_target_logits(collate(mine, self.pad_id)))
         self.steps_per_task[task] += 1
-        return Step(task, micro)
+        return Step(task, micro, head=task if task in self.classification else None)
 
     def shares(self) -> Dict[str, float]:
         """Realised share of steps per task so far (logged as mix/<task>)."""

@@ -7,7 +7,7 @@ resumed run continues the same task sequence with no state beyond the step.
 from __future__ import annotations
 
 import random
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from distlm.config import TasksConfig
 
@@ -29,7 +29,12 @@ def mixture_weights(cfg: TasksConfig, sizes: Dict[str, int]) -> Dict[str, float]
 
 
 class TaskMixture:
-    def __init__(self, cfg: TasksConfig, sizes: Dict[str, int], seed: int):
+    """`router`: the name of the router's task, which takes task.router_share of the steps; the
+    other steps follow the strategy."""
+
+    def __init__(self, cfg: TasksConfig, sizes: Dict[str, int], seed: int, router: Optional[str] = None):
+        self.router, self.router_share = router, cfg.router_share if router else 0.0
+        sizes = {name: size for name, size in sizes.items() if name != router}
         self.names: List[str] = list(sizes)
         self.weights = mixture_weights(cfg, sizes)
         self.round_robin = cfg.mixture == "round_robin"
@@ -41,6 +46,8 @@ class TaskMixture:
             self._cum.append(acc)
 
     def task_for_step(self, step: int) -> str:
+        if self.router is not None and random.Random(f"{self.seed}-router-{step}").random() < self.router_share:
+            return self.router
         if self.round_robin:
             return self.names[step % len(self.names)]
         u = random.Random(f"{self.seed}-{step}").random() * self._cum[-1]

@@ -1,23 +1,31 @@
 """Fine-tuning tasks: examples as (prompt, target) pairs, from generators or JSONL files.
 
-Built-in tasks are generated deterministically from a seed and their answers can be
-checked exactly; the held-out split never shares a prompt with the training split.
-User tasks come from JSONL files, either {"prompt", "completion"} or chat
-{"messages": [{"role", "content"}, ...]} (the last assistant message is the target).
+A task is generative (the target is text the model generates, scored by exact match) or a
+classification (the target is one of the task's labels, predicted by a head; scored by
+accuracy and F1). Built-in tasks are generated deterministically from a seed and their
+answers can be checked exactly; the held-out split never shares a prompt with the training
+split. User tasks come from JSONL files: generative lines are {"prompt", "completion"} or chat
+{"messages": [{"role", "content"}, ...]} (the last assistant message is the target);
+classification lines are {"text", "label"} or {"messages": [...], "label"}.
+
+The router is one more classification task, made from the others: every task's training
+prompts, labelled with the task's name (no labelling by the user).
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from distlm.config import TaskConfig, TasksConfig
 from distlm.data.corpus import DataError
 
-Example = Tuple[str, str]  # (prompt, target)
+Example = Tuple[str, str]  # (prompt, target): the target is the answer text, or the label
+GENERATIVE, CLASSIFICATION = "generative", "classification"
+ROUTER = "router"  # the name of the router's task (and head)
 
 # Characters are space-separated so that any byte-level BPE splits them into one token
 # each: the model then learns the algorithm, not the tokenizer's merges.
@@ -46,12 +54,80 @@ def _kv_lookup(rng: random.Random) -> Example:
     return f"lookup: {context} ; {keys[query]} =", f" {values[query]}"
 
 
+# The intent task: short requests to an assistant, one of five intents, each phrased many ways
+# with random slot values (a classification task: the target is the label).
+_SLOTS = {
+    "time": [f"{h}:{m:02d}" for h in range(5, 12) for m in (0, 15, 30, 45)] + ["noon", "midnight"],
+    "day": ["today", "tomorrow", "on monday", "on friday", "this weekend", "next week"],
+    "city": ["paris", "tokyo", "lima", "oslo", "cairo", "denver", "madrid", "seoul"],
+    "name": ["anna", "ben", "chloe", "dev", "emma", "farid", "grace", "hugo"],
+    "artist": ["miles davis", "adele", "daft punk", "nina simone", "the beatles", "bach"],
+    "genre": ["jazz", "rock", "classical music", "hip hop", "something relaxing"],
+    "msg": ["i am running late", "see you soon", "call me back", "dinner is ready", "happy birthday"],
+    "event": ["a meeting", "lunch", "the dentist", "a call", "a review"],
+    "room": ["kitchen", "living room", "car", "office", "bedroom"],
+    "song": ["blue in green", "hey jude", "clair de lune", "get lucky", "feeling good", "hello"],
+}
+_INTENTS = {
+    "alarm": [
+        "wake me up at {time}",
+        "set an alarm for {time} {day}",
+        "i need an alarm at {time}",
+        "can you set my alarm to {time}",
+        "alarm {time} please",
+        "make sure i am up by {time} {day}",
+    ],
+    "weather": [
+        "what is the weather in {city} {day}",
+        "will it rain in {city} {day}",
+        "how cold is it in {city}",
+        "do i need an umbrella in {city} {day}",
+        "forecast for {city}",
+        "is it sunny in {city} {day}",
+    ],
+    "music": [
+        "play some {genre} in the {room}",
+        "put on {song} by {artist}",
+        "i want to hear {song} {day}",
+        "play {genre} by {artist} in the {room}",
+        "can you play something by {artist} in the {room}",
+        "music please, {genre}, {song} first",
+    ],
+    "message": [
+        "text {name} that {msg}",
+        "send a message to {name}: {msg}",
+        "tell {name} {msg}",
+        "message {name} saying {msg}",
+        "let {name} know {msg}",
+        "write to {name}: {msg}",
+    ],
+    "calendar": [
+        "what is on my calendar {day}",
+        "schedule {event} with {name} {day} at {time}",
+        "do i have anything {day}",
+        "book {event} {day} at {time}",
+        "am i free {day} at {time}",
+        "add {event} to my calendar {day}",
+    ],
+}
+
+
+def _intent(rng: random.Random) -> Example:
+    label = rng.choice(sorted(_INTENTS))
+    template = rng.choice(_INTENTS[label])
+    slots = {key: rng.choice(values) for key, values in _SLOTS.items()}
+    return template.format(**slots), label
+
+
 GENERATORS: Dict[str, Callable[[random.Random], Example]] = {
     "addition": _addition,
     "reversal": _reversal,
     "sorting": _sorting,
     "kv_lookup": _kv_lookup,
+    "intent": _intent,
 }
+# Built-in classification tasks and their labels; every other generator is generative.
+CLASSIFIERS: Dict[str, List[str]] = {"intent": sorted(_INTENTS)}
 
 # For tokenizers without a chat template; `distlm serve` renders chats with the same one.
 DEFAULT_CHAT_TEMPLATE = (
@@ -66,6 +142,12 @@ class TaskData:
     train: List[Example]
     eval: List[Example]
     skipped: int = 0  # malformed lines skipped (task.on_error=skip)
+    kind: str = GENERATIVE
+    labels: List[str] = field(default_factory=list)  # classification: the head's classes, in order
+
+    @property
+    def is_classification(self) -> bool:
+        return self.kind == CLASSIFICATION
 
 
 def generate(generator: str, seed: int, num_train: int, num_eval: int) -> Tuple[List[Example], List[Example]]:
@@ -101,36 +183,81 @@ def render_chat(messages: List[Dict[str, str]], template: Optional[Callable] = N
     return prompt, " " + messages[-1]["content"]
 
 
-def _parse_line(line: str, where: str, chat_template) -> Example:
+def render_request(messages: List[Dict[str, str]], template: Optional[Callable] = None) -> str:
+    """The prompt for the assistant's next turn after these messages (what a served request is)."""
+    if template is not None:
+        return template(messages, add_generation_prompt=True, tokenize=False)
+    import jinja2
+
+    return jinja2.Template(DEFAULT_CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=True)
+
+
+def _messages(record: Dict, where: str) -> List[Dict[str, str]]:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] needs string fields 'role' and 'content'")
+    return messages
+
+
+def _parse_classification(record: Dict, where: str, chat_template, chat: bool) -> Example:
+    label = record.get("label")
+    if not isinstance(label, str) or not label:
+        raise DataError(f"{where}: field 'label' must be a non-empty string (the example's class)")
+    if "messages" in record:
+        return render_request(_messages(record, where), chat_template), label
+    text = record.get("text")
+    if not isinstance(text, str) or not text:
+        raise DataError(
+            f"{where}: a classification line needs a non-empty string 'text' (or 'messages') next to 'label'"
+        )
+    return (render_request([{"role": "user", "content": text}], chat_template) if chat else text), label
+
+
+def _parse_line(line: str, where: str, chat_template, kind: str = GENERATIVE, chat: bool = False) -> Example:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg}): each line must be one JSON object") from e
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if kind == CLASSIFICATION:
+        return _parse_classification(record, where, chat_template, chat)
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: messages[{i}] needs string fields 'role' and 'content'")
+        messages = _messages(record, where)
         if messages[-1]["role"] != "assistant":
             raise DataError(f"{where}: the last message must have role 'assistant' (it is the training target)")
         return render_chat(messages, chat_template)
-    for field in ("prompt", "completion"):
-        if field not in record:
+    for key in ("prompt", "completion"):
+        if key not in record:
             raise DataError(
-                f"{where}: field '{field}' is missing: each line needs 'prompt' and 'completion' strings (or 'messages')"
+                f"{where}: field '{key}' is missing: each line needs 'prompt' and 'completion' strings (or 'messages')"
             )
-        if not isinstance(record[field], str):
-            raise DataError(f"{where}: field '{field}' must be a string, got {type(record[field]).__name__}")
+        if not isinstance(record[key], str):
+            raise DataError(f"{where}: field '{key}' must be a string, got {type(record[key]).__name__}")
     if not record["completion"]:
         raise DataError(f"{where}: field 'completion' is empty: nothing to learn from this line")
     return record["prompt"], record["completion"]
 
 
-def read_jsonl(path: str, skip_malformed: bool, chat_template=None) -> Tuple[List[Example], int]:
+def file_kind(path: str) -> str:
+    """classification when the file's first JSON line has a 'label', else generative."""
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(record, dict):
+                return CLASSIFICATION if "label" in record else GENERATIVE
+    return GENERATIVE
+
+
+def read_jsonl(
+    path: str, skip_malformed: bool, chat_template=None, kind: str = GENERATIVE, chat: bool = False
+) -> Tuple[List[Example], int]:
     """Examples of a JSONL task file and the number of malformed lines skipped."""
     p = Path(path)
     if not p.is_file():
@@ -143,7 +270,7 @@ def read_jsonl(path: str, skip_malformed: bool, chat_template=None) -> Tuple[Lis
                 line = raw.decode("utf-8")
                 if not line.strip():
                     continue
-                examples.append(_parse_line(line, where, chat_template))
+                examples.append(_parse_line(line, where, chat_template, kind, chat))
             except UnicodeDecodeError as e:
                 if not skip_malformed:
                     raise DataError(f"{where}: not UTF-8 text: save the file as UTF-8") from e
@@ -173,33 +300,85 @@ def as_chat(example: Example, template: Optional[Callable]) -> Example:
 
 
 def load_tasks(cfg: TasksConfig, tokenizer, seed: int) -> Dict[str, TaskData]:
-    """Every task of the `task` group, rendered for this tokenizer (see task.prompt_format)."""
+    """Every task of the `task` group, rendered for this tokenizer (see task.prompt_format), and the
+    router's task when task.router is on."""
     template = chat_renderer(tokenizer, cfg.prompt_format)
     chat = cfg.prompt_format == "chat" or (cfg.prompt_format == "auto" and template is not None)
-    return {name: load_task(name, t, seed, template, chat) for name, t in cfg.tasks.items()}
+    tasks = {name: load_task(name, t, seed, template, chat) for name, t in cfg.tasks.items()}
+    if cfg.router:
+        tasks[ROUTER] = router_task(tasks)
+    return tasks
+
+
+def router_task(tasks: Dict[str, TaskData]) -> TaskData:
+    """Perception as a classification task: each task's prompts, labelled with the task's name."""
+    train = [(prompt, name) for name, task in tasks.items() for prompt, _ in task.train]
+    held_out = [(prompt, name) for name, task in tasks.items() for prompt, _ in task.eval]
+    return TaskData(ROUTER, train, held_out, kind=CLASSIFICATION, labels=list(tasks))
+
+
+def task_kind(cfg: TaskConfig) -> str:
+    """The kind a task's config says, or finds (task.tasks.<name>.kind=auto)."""
+    if cfg.kind != "auto":
+        return cfg.kind
+    if cfg.generator is not None:
+        return CLASSIFICATION if cfg.generator in CLASSIFIERS else GENERATIVE
+    return file_kind(cfg.path) if cfg.path is not None and Path(cfg.path).is_file() else GENERATIVE
 
 
 def load_task(name: str, cfg: TaskConfig, seed: int, chat_template=None, chat: bool = False) -> TaskData:
     """`chat`: generated examples become chat turns (user prompt, assistant answer)."""
+    kind = task_kind(cfg)
     if cfg.generator is not None:
+        if (kind == CLASSIFICATION) != (cfg.generator in CLASSIFIERS):
+            raise DataError(
+                f"task.tasks.{name}.kind={cfg.kind} does not fit the generator {cfg.generator!r} "
+                f"(a {task_kind(TaskConfig(generator=cfg.generator))} task): leave kind=auto"
+            )
         train, held_out = generate(cfg.generator, seed, cfg.num_train, cfg.num_eval)
+        if kind == CLASSIFICATION:
+            if chat:
+                train = [(render_request([{"role": "user", "content": p}], chat_template), y) for p, y in train]
+                held_out = [(render_request([{"role": "user", "content": p}], chat_template), y) for p, y in held_out]
+            return _labelled(TaskData(name, train, held_out, kind=kind), cfg.labels or CLASSIFIERS[cfg.generator])
         if chat:
             train, held_out = [as_chat(e, chat_template) for e in train], [as_chat(e, chat_template) for e in held_out]
         return TaskData(name, train, held_out)
     if cfg.path is None:
         raise DataError(f"task {name!r} has neither a generator nor a path: set task.tasks.{name}.path=<file.jsonl>")
-    examples, skipped = read_jsonl(cfg.path, cfg.on_error == "skip", chat_template)
+    examples, skipped = read_jsonl(cfg.path, cfg.on_error == "skip", chat_template, kind, chat)
     if cfg.eval_path is not None:
-        held_out, skipped_eval = read_jsonl(cfg.eval_path, cfg.on_error == "skip", chat_template)
-        return TaskData(name, examples, held_out[: cfg.num_eval], skipped + skipped_eval)
-    # Hold out the last examples of a deterministic shuffle.
-    order = list(range(len(examples)))
-    random.Random(f"{name}-{seed}").shuffle(order)
-    n_eval = min(cfg.num_eval, len(examples) // 5)
-    if n_eval == 0:
-        raise DataError(
-            f"task file {cfg.path} has {len(examples)} examples: need at least 5 to hold some out (or set eval_path)"
-        )
-    held = [examples[i] for i in order[:n_eval]]
-    train = [examples[i] for i in order[n_eval:]]
-    return TaskData(name, train, held, skipped)
+        held_out, skipped_eval = read_jsonl(cfg.eval_path, cfg.on_error == "skip", chat_template, kind, chat)
+        task = TaskData(name, examples, held_out[: cfg.num_eval], skipped + skipped_eval, kind)
+    else:
+        # Hold out the first examples of a deterministic shuffle.
+        order = list(range(len(examples)))
+        random.Random(f"{name}-{seed}").shuffle(order)
+        n_eval = min(cfg.num_eval, len(examples) // 5)
+        if n_eval == 0:
+            raise DataError(
+                f"task file {cfg.path} has {len(examples)} examples: need at least 5 to hold some out (or set eval_path)"
+            )
+        held = [examples[i] for i in order[:n_eval]]
+        train = [examples[i] for i in order[n_eval:]]
+        task = TaskData(name, train, held, skipped, kind)
+    if kind == CLASSIFICATION:
+        return _labelled(task, cfg.labels or sorted({label for _, label in task.train}), cfg.path)
+    return task
+
+
+def _labelled(task: TaskData, labels: List[str], path: Optional[str] = None) -> TaskData:
+    """The task with its label set; a label outside it is an error naming the label (and file)."""
+    if len(labels) < 2:
+        raise DataError(f"task {task.name!r} has {len(labels)} label(s): a classification needs at least 2")
+    known = set(labels)
+    for split, examples in (("training", task.train), ("held-out", task.eval)):
+        unknown = sorted({label for _, label in examples} - known)
+        if unknown:
+            where = f" in {path}" if path else ""
+            raise DataError(
+                f"task {task.name!r}: {split} label(s) {unknown[:5]}{where} are not among its labels {labels}: "
+                f"fix the data or set task.tasks.{task.name}.labels"
+            )
+    task.labels = list(labels)
+    return task

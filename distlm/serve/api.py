@@ -130,7 +130,7 @@ def build_api(
     def sampling(body, max_tokens: Optional[int], prompt_ids: List[int]) -> GenerationRequest:
         """The model/adapter and the token budget, checked against the context and the limits."""
         try:
-            adapter = export.adapter_for(body.model)
+            task = export.task_for(body.model)
         except KeyError:
             raise ApiError(
                 404,
@@ -167,7 +167,7 @@ def build_api(
                 "context_length_exceeded",
             )
         params = SamplingParams(max_tokens, body.temperature, body.top_p, body.stop, body.seed)
-        return GenerationRequest(prompt_ids, params, adapter)
+        return GenerationRequest(prompt_ids, params, task)
 
     @app.get("/healthz")
     async def healthz() -> Dict[str, Any]:
@@ -178,7 +178,7 @@ def build_api(
         created = int(time.time())
         data = [
             {"id": model_id, "object": "model", "created": created, "owned_by": "distlm", "root": export.name}
-            | {"parent": None if model_id == export.name else export.name}
+            | {"parent": None if model_id == export.name else export.name, "description": export.describe(model_id)}
             for model_id in export.model_ids
         ]
         return {"object": "list", "data": data}
@@ -194,7 +194,7 @@ def build_api(
         if body.stream:
             return _sse(reply, generate(request), lambda e: choice(e.text, e.finish_reason), body.stream_options)
         events = [e async for e in generate(request)]
-        return reply.final(choice("".join(e.text for e in events), events[-1].finish_reason), len(events))
+        return reply.final(choice("".join(e.text for e in events), events[-1].finish_reason), events)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
@@ -218,7 +218,7 @@ def build_api(
         events = [e async for e in generate(request)]
         message = {"role": "assistant", "content": "".join(e.text for e in events)}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": events[-1].finish_reason}
-        return reply.final(choice, len(events))
+        return reply.final(choice, events)
 
     return app
 
@@ -237,8 +237,14 @@ class _Reply:
     def body(self, kind: str, choices: List[Dict[str, Any]], **extra: Any) -> Dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices} | extra
 
-    def final(self, choice: Dict[str, Any], completion_tokens: int) -> Dict[str, Any]:
-        return self.body(self.kind, [choice], usage=self.usage(completion_tokens))
+    def final(self, choice: Dict[str, Any], events: List[TokenEvent]) -> Dict[str, Any]:
+        """The whole response; a routed request's carries the agent's trace in the extra field `agent`."""
+        extra = {"agent": events[0].trace} if events[0].trace is not None else {}
+        return self.body(self.kind, [choice], usage=self.usage(_completion_tokens(events)), **extra)
+
+
+def _completion_tokens(events: List[TokenEvent]) -> int:
+    return sum(e.token_id >= 0 for e in events)
 
 
 def _sse(reply: _Reply, events: AsyncIterator[TokenEvent], choice, options, kind: Optional[str] = None):
@@ -248,8 +254,9 @@ def _sse(reply: _Reply, events: AsyncIterator[TokenEvent], choice, options, kind
     async def stream() -> AsyncIterator[str]:
         count = 0
         async for event in events:
-            count += 1
-            yield f"data: {json.dumps(reply.body(kind, [choice(event)]))}\n\n"
+            count += event.token_id >= 0
+            extra = {"agent": event.trace} if event.trace is not None else {}
+            yield f"data: {json.dumps(reply.body(kind, [choice(event)], **extra))}\n\n"
         if options is not None and options.include_usage:
             yield f"data: {json.dumps(reply.body(kind, [], usage=reply.usage(count)))}\n\n"
         yield "data: [DONE]\n\n"

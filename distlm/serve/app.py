@@ -44,7 +44,7 @@ class DistlmModel:
 
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
         device, dtype = _device_and_dtype(cfg)
-        self.model = ServedModel(export, device, dtype)
+        self.model = ServedModel(export, device, dtype, cfg.agent)
         # The key resolved where the app was built, else this replica's own environment (a pod's secret).
         self.cfg, self.api_key = cfg, api_key or resolve_api_key(cfg)
         self.generate_batch.set_max_batch_size(cfg.max_batch_size)

@@ -1,23 +1,31 @@
-"""The served model: an export's base model, its task adapters, and a batched decode loop.
+"""The served model: an export's base model, its task adapters and heads, the agent that routes
+requests among them, and a batched decode loop.
 
 No Ray here: the Serve deployment (app.py) and the benchmark's direct in-process calls
 both drive `ServedModel.steps`. Greedy decoding (temperature 0) picks the same tokens as
 `model.generate(do_sample=False)` on the exported model.
+
+A batch may mix requests for the agent, the base model and any task: the agent's requests are
+routed first (one forward of the base model over their prompts, adapters off), then every request
+that a classification head answers gets its label at once and the rest decode together, each row
+through its own adapter.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from distlm.config import ConfigError
+from distlm.config import AgentConfig, ConfigError
 
 # Used when the tokenizer has no chat template of its own: the one fine-tuning used.
 from distlm.data.tasks import DEFAULT_CHAT_TEMPLATE
-from distlm.export import ExportInfo, find_export  # noqa: F401  (served exports are found there)
+from distlm.export import AGENT, ExportInfo, find_export  # noqa: F401  (served exports are found there)
 
+log = logging.getLogger("ray.serve")
 # peft's adapter name for "no adapter" in a mixed-adapter batch (adapter_names=[...]).
 BASE_ADAPTER = "__base__"
 
@@ -35,7 +43,7 @@ class SamplingParams:
 class GenerationRequest:
     prompt_ids: List[int]
     params: SamplingParams
-    adapter: Optional[str] = None  # a task adapter's name; None = the base model
+    task: Optional[str] = None  # a task's name, AGENT (the router picks one) or None (the base model)
 
 
 @dataclass
@@ -43,15 +51,22 @@ class TokenEvent:
     """One generated token: the text it completes (may be empty while held back) and, on the
     request's last token, why it finished ("stop": EOS or a stop sequence, "length": max_tokens)."""
 
-    token_id: int
+    token_id: int  # -1 for a classification head's label (no token)
     text: str
     finish_reason: Optional[str] = None
+    trace: Optional[Dict[str, Any]] = None  # the agent's routing, on a routed request's first event
 
 
 class ServedModel:
     """The base model loaded once, with every task adapter (peft multi-adapter), on one device."""
 
-    def __init__(self, export: ExportInfo, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        export: ExportInfo,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        agent: Optional[AgentConfig] = None,
+    ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -82,6 +97,16 @@ class ServedModel:
             _mix_module_copies(model)
         self.model = model.to(self.device).eval()
         self.chat_template = self.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+        from distlm.agent import Agent, Heads
+
+        agent = agent or AgentConfig()
+        if agent.fallback is not None and agent.fallback not in export.tasks:
+            raise ConfigError(
+                f"serve.agent.fallback={agent.fallback!r} is not a task of {export.path} ({', '.join(export.tasks) or 'none'}): "
+                "name one of them, or null for the base model"
+            )
+        heads = Heads(export.path).to(self.device, dtype)
+        self.agent = Agent(self.model, heads, self.pad_id, agent.min_confidence, agent.fallback)
 
     def encode(self, text: str) -> List[int]:
         return self.tokenizer(text).input_ids
@@ -98,21 +123,50 @@ class ServedModel:
             raise ValueError(f"the chat template rejected the messages: {e}") from e
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    def perceive(self, requests: List[GenerationRequest]) -> tuple[List[Optional[str]], Dict[int, Dict[str, Any]]]:
+        """Each request's task (the router's choice for AGENT requests) and the routed ones' traces."""
+        tasks = [r.task for r in requests]
+        routed = [i for i, r in enumerate(requests) if r.task == AGENT]
+        traces = {}
+        if routed:
+            for i, route in zip(routed, self.agent.route([requests[i].prompt_ids for i in routed])):
+                tasks[i], traces[i] = route.task, route.trace()
+                log.info(
+                    "agent: task %s (router: %s %.3f, runner-up %s %.3f)%s",
+                    route.task or "base",
+                    route.chosen,
+                    route.confidence,
+                    route.runner_up,
+                    route.runner_up_confidence,
+                    " below min_confidence: fallback" if route.fallback else "",
+                )
+        return tasks, traces
+
     @torch.inference_mode()
     def steps(self, requests: List[GenerationRequest]) -> Iterator[List[Optional[TokenEvent]]]:
         """Decode a batch together, one token per request per step. Each step yields one entry per
-        request: its new TokenEvent, or None once it has finished. Prompts are left-padded; rows
-        that finish leave the batch (and the KV cache) so the rest decode at their own size."""
-        streams = [_TextStream(self.tokenizer, r.params, self.eos_ids) for r in requests]
-        samplers = [_Sampler(r.params) for r in requests]
-        width = max(len(r.prompt_ids) for r in requests)
-        ids = torch.tensor([[self.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests])
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests])
+        request: its new TokenEvent, or None once it has finished. Requests that a classification head
+        answers get their label (one event) in the first step. Prompts are left-padded; rows that
+        finish leave the batch (and the KV cache) so the rest decode at their own size."""
+        tasks, traces = self.perceive(requests)
+        first: Dict[int, TokenEvent] = {}
+        for task in dict.fromkeys(t for t in tasks if t in self.export.heads):
+            rows = [i for i, t in enumerate(tasks) if t == task]
+            for i, (label, _) in zip(rows, self.agent.classify(task, [requests[i].prompt_ids for i in rows])):
+                first[i] = TokenEvent(-1, label, "stop")
+        active = [i for i in range(len(requests)) if i not in first]  # batch row -> request index
+        streams = {i: _TextStream(self.tokenizer, requests[i].params, self.eos_ids) for i in active}
+        samplers = {i: _Sampler(requests[i].params) for i in active}
+        prompts = [requests[i].prompt_ids for i in active]
+        width = max((len(p) for p in prompts), default=0)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # peft's mixed-adapter batch: each row goes through its own adapter (or none).
-        adapter_names = [r.adapter or BASE_ADAPTER for r in requests] if self.export.adapters else None
-        active = list(range(len(requests)))  # batch row -> request index
+        adapter_names = None
+        if self.export.adapters:
+            adapter_names = [tasks[i] if tasks[i] in self.export.adapters else BASE_ADAPTER for i in active]
         cache = None
         while active:
             extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
@@ -126,7 +180,7 @@ class ServedModel:
             )
             cache = out.past_key_values
             logits = out.logits[:, -1, :].float().cpu()
-            events: List[Optional[TokenEvent]] = [None] * len(requests)
+            events: List[Optional[TokenEvent]] = [first.pop(i, None) for i in range(len(requests))]
             tokens, keep = [], []
             for row, i in enumerate(active):
                 token = samplers[i].pick(logits[row])
@@ -134,6 +188,10 @@ class ServedModel:
                 tokens.append(token)
                 if events[i].finish_reason is None:
                     keep.append(row)
+            for i, trace in traces.items():
+                if events[i] is not None:
+                    events[i].trace = trace
+            traces = {}
             yield events
             if len(keep) < len(active):
                 if not keep:
@@ -148,6 +206,11 @@ class ServedModel:
             ids = torch.tensor(tokens, device=self.device)[:, None]
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
             positions = positions[:, -1:] + 1
+        if first:  # every request was answered by a head: no decoding at all
+            events = [first.get(i) for i in range(len(requests))]
+            for i, trace in traces.items():
+                events[i].trace = trace
+            yield events
 
     def generate(self, requests: List[GenerationRequest]) -> List[List[TokenEvent]]:
         """All events of each request (a convenience for tests and direct calls)."""

@@ -74,7 +74,8 @@ def banner(export: ExportInfo, cfg: ServeConfig) -> str:
     auth = f" -H 'Authorization: Bearer '\"${cfg.api_key_env}\"" if resolve_api_key(cfg) else ""
     lines = [
         f"distlm serve: {url}/v1 (OpenAI-style API; Ray Serve app '{cfg.app_name}')",
-        f"models: {', '.join(export.model_ids)}",
+        f"models: {', '.join(export.model_ids)}"
+        + (f" ({export.name} is the agent: its router picks the task per request)" if export.router else ""),
         "try:",
         f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}",
         f'  python -c \'from openai import OpenAI; print(OpenAI(base_url="{url}/v1", api_key="...")'
