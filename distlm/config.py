@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -506,10 +507,18 @@ def validate(cfg: Config) -> None:
             )
         if es.patience < 1:
             raise ConfigError(f"trainer.early_stopping.patience={es.patience} must be at least 1 (evaluations)")
-    if tr.warmup_steps < 0 or tr.warmup_steps > tr.max_steps:
-        raise ConfigError(
-            f"trainer.warmup_steps={tr.warmup_steps} must be between 0 and trainer.max_steps={tr.max_steps}"
+    if tr.warmup_steps < 0:
+        raise ConfigError(f"trainer.warmup_steps={tr.warmup_steps} must be at least 0")
+    if tr.warmup_steps > tr.max_steps:
+        # A preset's warmup and a short run (a smoke test's trainer.max_steps=10) compose: warm up
+        # over a tenth of the run instead, and say so.
+        clamped = tr.max_steps // 10
+        print(
+            f"distlm: note: trainer.warmup_steps={tr.warmup_steps} is longer than trainer.max_steps={tr.max_steps}: "
+            f"warming up over {clamped} steps (a tenth of the run)",
+            file=sys.stderr,
         )
+        tr.warmup_steps = clamped
     if d.format != "stdlib_code":
         if not d.paths:
             raise ConfigError(f"data.paths is empty but data.format={d.format}: set data.paths=[/path/to/files]")

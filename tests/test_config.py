@@ -112,3 +112,21 @@ def test_cli_prints_config():
     result = run_cli("train", "--cfg", "model=tiny")
     assert result.returncode == 0
     assert "hidden_size: 64" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides, warmup",
+    [
+        (["trainer.max_steps=10"], 1),
+        (["experiment=multitask", "init_from=null", "trainer.max_steps=20"], 2),
+        (["trainer.max_steps=5"], 0),
+    ],
+)
+def test_a_short_run_composes_with_the_presets_warmup(overrides, warmup, capsys):
+    """The smoke test anyone types first: a preset's warmup longer than the run is clamped to a
+    tenth of it, with a one-line note."""
+    cfg, _ = compose(overrides)
+    assert cfg.trainer.warmup_steps == warmup
+    assert "distlm: note: trainer.warmup_steps=" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="trainer.warmup_steps=-1 must be at least 0"):
+        compose([*overrides, "trainer.warmup_steps=-1"])
