@@ -140,7 +140,15 @@ def param_groups(model: torch.nn.Module, cfg: AdapterConfig, tasks: List[str], w
     else:
         groups = [g | {"tasks": task_steps or None} for g in default_groups(lm, weight_decay)]
     for name, head in (heads or {}).items():
-        groups.append({"params": list(head.parameters()), "weight_decay": 0.0, "tasks": [name], "name": f"head:{name}"})
+        groups.append(
+            {
+                "params": list(head.parameters()),
+                "weight_decay": 0.0,
+                "tasks": [name],
+                "name": f"head:{name}",
+                "lr_scale": cfg.head_lr_scale,
+            }
+        )
     return [g for g in groups if g["params"]]
 
 

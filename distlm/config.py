@@ -294,6 +294,10 @@ class AdapterConfig:
     modules_to_save: List[str] = field(default_factory=list)
     # Also export merged weights (base + adapter) per adapter.
     export_merged: bool = False
+    # Classification heads and the router learn at trainer.lr x this: a linear layer over the
+    # base's features needs larger steps than LoRA's low-rank updates (the router sees only
+    # task.router_share of the steps).
+    head_lr_scale: float = 10.0
 
 
 @dataclass
@@ -616,6 +620,8 @@ def _validate_tasks(tasks: TasksConfig, adapter: AdapterConfig, trainer: Trainer
     _choice("adapter.name", adapter.name, ["none", "lora", "per_task_lora"])
     if adapter.name == "per_task_lora" and not tasks.tasks:
         raise ConfigError("adapter=per_task_lora needs tasks: pick a task set, e.g. task=suite")
+    if adapter.head_lr_scale <= 0:
+        raise ConfigError(f"adapter.head_lr_scale={adapter.head_lr_scale} must be positive (e.g. 10)")
     if adapter.name != "none":
         if adapter.rank < 1:
             raise ConfigError(f"adapter.rank={adapter.rank} must be a positive integer")
@@ -642,6 +648,10 @@ def _validate_tasks(tasks: TasksConfig, adapter: AdapterConfig, trainer: Trainer
         key = f"task.tasks.{name}"
         if name == "router":
             raise ConfigError(f"{key}: 'router' is the name of the router's head: rename the task")
+        if name == "base" or ":" in name:
+            raise ConfigError(
+                f"{key}: a task may not be named 'base' or contain ':' (served ids are <run>:<task>, <run>:base): rename it"
+            )
         _choice(f"{key}.kind", task.kind, ["auto", "generative", "classification"])
         if task.generator is None and task.path is None:
             raise ConfigError(f"{key}.path is not set: give the task's JSONL file ({key}.path=/path/to/train.jsonl)")

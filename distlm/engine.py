@@ -151,6 +151,8 @@ class Engine:
     def prepare(self, model: torch.nn.Module, groups: Optional[List[Dict[str, Any]]] = None) -> None:
         trainer, zero = self.trainer, self.zero
         groups = groups if groups is not None else param_groups(model, trainer.weight_decay)
+        for g in groups:  # a group's own learning rate, as a multiple of trainer.lr (the schedule scales both)
+            g["lr"] = trainer.lr * g.get("lr_scale", 1.0)
         betas = (trainer.beta1, trainer.beta2)
         if zero.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam

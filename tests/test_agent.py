@@ -134,6 +134,8 @@ def test_agent_config_errors(tmp_path):
         (["task=agent", "adapter=per_task_lora", "serve.agent.min_confidence=2"], "serve.agent.min_confidence=2"),
         (["trainer.early_stopping.metric=eval/nope"], "not logged by this run's evaluations"),
         (["task=agent", "adapter=per_task_lora", "+task.tasks.router={generator: addition}"], "'router' is the name"),
+        (["task=agent", "adapter=per_task_lora", "+task.tasks.base={generator: addition}"], "may not be named 'base'"),
+        (["task=agent", "adapter=per_task_lora", "adapter.head_lr_scale=0"], "adapter.head_lr_scale=0"),
     ]:
         with pytest.raises(ConfigError, match=message):
             compose([*overrides, f"hydra.run.dir={tmp_path}"])
