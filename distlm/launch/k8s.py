@@ -159,7 +159,7 @@ def serve_args(cfg: Config) -> Dict[str, Any]:
     for f in dataclasses.fields(cfg.serve):
         value = getattr(cfg.serve, f.name)
         if f.name not in skip and value is not None:
-            args[f.name] = value
+            args[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value  # serve.agent
     return args
 
 
