@@ -77,9 +77,8 @@ def recover_records(checkpoints: Path, metrics_path: Path) -> int:
         have = {json.loads(line)["step"] for line in metrics_path.read_text().splitlines() if line.strip()}
     missing = []
     for f in sorted(checkpoints.glob(f"step_*/{RECORDS}")):
-        for line in f.read_text().splitlines():
-            if line.strip() and json.loads(line)["step"] not in have:
-                record = json.loads(line)
+        for record in (json.loads(line) for line in f.read_text().splitlines() if line.strip()):
+            if record["step"] not in have:
                 have.add(record["step"])
                 missing.append(record)
     if missing:

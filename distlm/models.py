@@ -156,10 +156,6 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
 # ---------------------------------------------------------------- pretrained models from GGUF files
 
 
-def is_gguf(path: Optional[str]) -> bool:
-    return path is not None and str(path).lower().endswith(".gguf")
-
-
 def gguf_architecture(path: Path) -> str:
     """The GGUF file's `general.architecture`; ConfigError naming the file if it is no GGUF
     file or not a causal LM that transformers can load from GGUF."""

@@ -18,13 +18,13 @@ from distlm.config import TrackingConfig
 
 
 class NullTracker:
-    def take_unsaved(self) -> List[Dict[str, Any]]:
-        return []
-
     run_id: Optional[str] = None
 
     def log(self, metrics: Dict[str, float], step: int) -> None:
         pass
+
+    def take_unsaved(self) -> List[Dict[str, Any]]:
+        return []
 
     def finish(self) -> None:
         pass
