@@ -1,6 +1,7 @@
 """The agent over one export: perception (the router), reasoning (the routed task's layer), response.
 
-    request -> router head on the base model's pooled hidden states (adapters off) -> task, confidence
+    request -> router head on the base model's pooled hidden states (adapters off; its first
+               task.router_depth of layers, and no more) -> task, confidence
             -> that task's layer: its LoRA adapter generates, or its classification head labels
                (below min_confidence: the fallback, the base model or a configured task)
             -> the answer, and a trace: task, confidence, runner-up, whether it fell back
@@ -86,20 +87,24 @@ class Agent:
         self.min_confidence, self.fallback = min_confidence, fallback
         self.device = next(model.parameters()).device
 
-    def _features(self, prompts: Sequence[Sequence[int]], adapter: Optional[str]) -> torch.Tensor:
+    def _features(self, prompts: Sequence[Sequence[int]], head: str) -> torch.Tensor:
+        """The head's input: its adapter active (none = the base), the decoder layers it reads and no
+        more (the router stops after the first task.router_depth of them)."""
+        config = self.heads.configs[head]
+        adapter, layers = config.get("adapter"), config.get("num_hidden_layers")
         ids, mask = _batch(prompts, self.pad_id, self.device)
         adapters = getattr(self.model, "peft_config", None)
         with torch.no_grad():
             if adapters and adapter is None:
                 with self.model.disable_adapter():
-                    return pooled_hidden(self.model, ids, mask)
+                    return pooled_hidden(self.model, ids, mask, layers, stop=True)
             if adapter is not None:
                 self.model.set_adapter(adapter)
-            return pooled_hidden(self.model, ids, mask)
+            return pooled_hidden(self.model, ids, mask, layers, stop=True)
 
     def route(self, prompts: Sequence[Sequence[int]]) -> List[Route]:
         """The router's choice for each request (the base model's features: no adapter involved)."""
-        probs = self.heads.probabilities(ROUTER, self._features(prompts, None)).cpu()
+        probs = self.heads.probabilities(ROUTER, self._features(prompts, ROUTER)).cpu()
         labels = self.heads.configs[ROUTER]["labels"]
         routes = []
         for row in probs:
@@ -116,6 +121,6 @@ class Agent:
     def classify(self, task: str, prompts: Sequence[Sequence[int]]) -> List[tuple[str, float]]:
         """(label, calibrated confidence) of a classification task's head, with its adapter under it."""
         config = self.heads.configs[task]
-        probs = self.heads.probabilities(task, self._features(prompts, config.get("adapter"))).cpu()
+        probs = self.heads.probabilities(task, self._features(prompts, task)).cpu()
         confidence, index = probs.max(-1)
         return [(config["labels"][int(i)], float(c)) for i, c in zip(index, confidence)]

@@ -277,6 +277,10 @@ class TasksConfig:
     router: bool = False
     # The share of steps that train the router (a batch of prompts from every task each).
     router_share: float = 0.1
+    # The fraction of the base's decoder layers the router reads (layer round(depth x layers),
+    # through the final norm; 1.0 = the final hidden states). Serving runs only those layers
+    # before the routed adapter's prefill, so perception costs about this fraction of one.
+    router_depth: float = 0.25
 
 
 @dataclass
@@ -644,6 +648,11 @@ def _validate_tasks(tasks: TasksConfig, adapter: AdapterConfig, trainer: Trainer
             raise ConfigError("task.router=true needs at least two tasks to choose between")
         if not 0 < tasks.router_share < 1:
             raise ConfigError(f"task.router_share={tasks.router_share} must be between 0 and 1 (e.g. 0.1)")
+        if not 0 < tasks.router_depth <= 1:
+            raise ConfigError(
+                f"task.router_depth={tasks.router_depth} must be in (0, 1]: the fraction of the base's layers "
+                "the router reads (e.g. 0.25; 1.0 = all of them)"
+            )
     for name, task in tasks.tasks.items():
         key = f"task.tasks.{name}"
         if name == "router":

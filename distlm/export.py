@@ -202,7 +202,7 @@ def _write_head(export_dir: Path, name: str, spec: Dict, tensors: Dict[str, torc
     save_file(
         {k: v.contiguous() for k, v in tensors.items()}, str(target / "head.safetensors"), metadata={"format": "pt"}
     )
-    config = head_config(name, spec["labels"], spec["adapter"], spec.get("temperature", 1.0))
+    config = head_config(name, spec["labels"], spec["adapter"], spec.get("temperature", 1.0), spec.get("layers"))
     config["in_features"] = int(tensors["weight"].shape[1])
     (target / "head_config.json").write_text(json.dumps(config, indent=2))
 
@@ -263,7 +263,7 @@ def _check_probe(export_dir: Path, probe_path: Path, adapters: List[str], heads:
                 model.set_adapter(config["adapter"])
                 context = contextlib.nullcontext()
             with context:
-                features = pooled_hidden(model, ids, torch.ones_like(ids))
+                features = pooled_hidden(model, ids, torch.ones_like(ids), config.get("num_hidden_layers"))
             logits = layer(features.to(layer.weight.dtype)).float()
             diffs.append(float((logits - probe["heads"][name]).abs().max()))
     diff = max(diffs)

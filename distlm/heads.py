@@ -1,11 +1,14 @@
 """Classification heads and the router: task adaptation layers over the language model's hidden states.
 
-A head reads the model's final hidden states (after its last norm), averaged over the request's
-tokens (padding excluded), and maps them to its task's labels with one linear layer. A
-classification task's head reads them with that task's LoRA adapter active (when the run has
+A head reads the model's hidden states after its last norm, averaged over the request's tokens
+(padding excluded), and maps them to its task's labels with one linear layer. A classification
+task's head reads the final ones with that task's LoRA adapter active (when the run has
 adapters), so adapter and head train together. The router is a head over the tasks themselves;
 it reads the base model with every adapter disabled, so what it sees of a request does not
 depend on which adapter happens to be active, and it can run before any adapter is chosen.
+It reads only the first `task.router_depth` of the decoder layers (their output through the
+model's final norm: what the base loaded with `num_hidden_layers=k` returns), so perception at
+serving time costs a fraction of a prefill and stops there.
 
 `TaskModel` wraps the language model and its heads in one module, so DeepSpeed shards and
 checkpoints them together; the model itself still knows nothing about ranks.
@@ -22,6 +25,7 @@ from typing import Dict, List, Optional
 import torch
 
 from distlm.data.tasks import ROUTER
+from distlm.config import ConfigError
 
 HEADS_DIR = "heads"  # export/heads/<task>/ and export/router/: head.safetensors + head_config.json
 POOLING = "mean"  # the final hidden states averaged over the request's tokens
@@ -45,9 +49,66 @@ def decoder(lm: torch.nn.Module) -> torch.nn.Module:
     return causal_lm.base_model
 
 
-def pooled_hidden(lm: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states averaged over the tokens of each request: (batch, hidden)."""
-    hidden = decoder(lm)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+def _child(module: torch.nn.Module, names: tuple, what: str) -> torch.nn.Module:
+    for name in names:
+        if isinstance(getattr(module, name, None), torch.nn.Module):
+            return getattr(module, name)
+    raise ConfigError(
+        f"task.router_depth < 1 needs the decoder's {what} ({' or '.join(names)}), which "
+        f"{type(module).__name__} does not have: set task.router_depth=1.0 for this model"
+    )
+
+
+def num_layers(lm: torch.nn.Module) -> int:
+    return int(lm.config.get_text_config().num_hidden_layers)
+
+
+def router_layers(lm: torch.nn.Module, depth: float) -> int:
+    """The number of decoder layers the router reads: round(depth x layers), at least 1."""
+    return max(1, min(num_layers(lm), round(depth * num_layers(lm))))
+
+
+class _Stop(Exception):
+    """Raised by the hook on the last layer a head reads: nothing after it needs computing."""
+
+
+def _prefix_hidden(model: torch.nn.Module, input_ids, attention_mask, layers: int, stop: bool) -> torch.Tensor:
+    """The output of decoder layer `layers` through the model's final norm (= last_hidden_state of the
+    same model loaded with num_hidden_layers=layers). stop=True skips the remaining layers; training
+    runs them (ZeRO-3 gathers parameters per layer in forward order and must see every layer)."""
+    blocks = _child(model, ("layers", "h"), "layer list")
+    norm = _child(model, ("norm", "ln_f", "final_layernorm"), "final norm")
+    seen: List[torch.Tensor] = []
+
+    def capture(_module, _args, output):
+        seen.append(output[0] if isinstance(output, tuple) else output)
+        if stop:
+            raise _Stop
+
+    handle = blocks[layers - 1].register_forward_hook(capture)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return norm(seen[0])
+
+
+def pooled_hidden(
+    lm: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layers: Optional[int] = None,
+    stop: bool = False,
+) -> torch.Tensor:
+    """Hidden states after the final norm averaged over the tokens of each request: (batch, hidden).
+    layers=None reads the final ones; layers=k the output of the k-th decoder layer."""
+    model = decoder(lm)
+    if layers is None or layers >= num_layers(lm):
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    else:
+        hidden = _prefix_hidden(model, input_ids, attention_mask, layers, stop)
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
@@ -56,10 +117,13 @@ class TaskModel(torch.nn.Module):
     """The language model (with its peft adapters, if any) plus one linear head per classification
     task and, optionally, the router. forward(head=None) is the language model's own forward."""
 
-    def __init__(self, lm: torch.nn.Module, heads: Dict[str, List[str]]) -> None:
+    def __init__(
+        self, lm: torch.nn.Module, heads: Dict[str, List[str]], layers: Optional[Dict[str, Optional[int]]] = None
+    ) -> None:
         super().__init__()
         self.lm = lm
         self.labels = dict(heads)
+        self.layers = {name: (layers or {}).get(name) for name in heads}  # decoder layers each reads; None = all
         hidden = hidden_size(lm)
         self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(hidden, len(labels)) for name, labels in heads.items()})
 
@@ -74,9 +138,9 @@ class TaskModel(torch.nn.Module):
             # The base alone, no gradient into it: the router's features are fixed by the base.
             frozen = self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
             with frozen, torch.no_grad():
-                features = pooled_hidden(self.lm, batch["input_ids"], batch["attention_mask"])
+                features = pooled_hidden(self.lm, batch["input_ids"], batch["attention_mask"], self.layers[head])
         else:
-            features = pooled_hidden(self.lm, batch["input_ids"], batch["attention_mask"])
+            features = pooled_hidden(self.lm, batch["input_ids"], batch["attention_mask"], self.layers[head])
         layer = self.heads[head]
         logits = layer(features.to(layer.weight.dtype)).float()
         loss = None
@@ -97,30 +161,37 @@ def head_adapter(name: str, adapter_cfg, tasks: List[str]) -> Optional[str]:
 
 
 def write_heads_config(
-    directory: str, labels: Dict[str, List[str]], adapter_cfg, tasks: List[str], temperatures: Dict[str, float]
+    directory: str, model: TaskModel, adapter_cfg, tasks: List[str], temperatures: Dict[str, float]
 ) -> None:
-    """heads.json in a checkpoint: each head's labels, the adapter under it and the temperature that
-    calibrates it (fitted at the newest evaluation), for the export."""
+    """heads.json in a checkpoint: each head's labels, the adapter under it, the decoder layers it
+    reads and the temperature that calibrates it (fitted at the newest evaluation), for the export."""
     heads = {
         name: {
             "labels": names,
             "adapter": head_adapter(name, adapter_cfg, tasks),
+            "layers": model.layers[name],
             "temperature": temperatures.get(name, 1.0),
         }
-        for name, names in labels.items()
+        for name, names in model.labels.items()
     }
     (Path(directory) / "heads.json").write_text(json.dumps(heads, indent=2))
 
 
-def head_config(name: str, labels: List[str], adapter: Optional[str], temperature: float = 1.0) -> Dict:
+def head_config(
+    name: str, labels: List[str], adapter: Optional[str], temperature: float = 1.0, layers: Optional[int] = None
+) -> Dict:
     """What export/heads/<task>/head_config.json (or export/router/) says about a head."""
+    which = "final hidden states" if layers is None else f"hidden states after decoder layer {layers}"
     return {
         "name": name,
         "labels": labels,
         "in_features": None,  # filled at export from the weight
         "pooling": POOLING,
-        "hidden_states": "final hidden states of the model (after its last norm), averaged over the "
-        "request's tokens (attention mask 1)",
+        "hidden_states": f"{which} of the model, through its final norm, averaged over the request's "
+        "tokens (attention mask 1)",
+        # Decoder layers the head reads (null = all): the base loaded with num_hidden_layers=<this>
+        # returns its features as last_hidden_state.
+        "num_hidden_layers": layers,
         # The peft adapter (export/adapters/<adapter>/) active under the head; null = the base model alone.
         "adapter": adapter,
         # Softmax temperature that calibrates the head's confidence (fitted on held-out examples).
@@ -142,7 +213,12 @@ def load_head(directory: str | Path):
 
 def attach_heads(lm: torch.nn.Module, export_heads) -> TaskModel:
     """A TaskModel over a loaded export: the language model and the exported heads' weights."""
-    model = TaskModel(lm, {name: config["labels"] for name, config in export_heads.configs.items()})
+    configs = export_heads.configs
+    model = TaskModel(
+        lm,
+        {name: config["labels"] for name, config in configs.items()},
+        {name: config.get("num_hidden_layers") for name, config in configs.items()},
+    )
     with torch.no_grad():
         for name, layer in export_heads.layers.items():
             model.heads[name].load_state_dict(layer.state_dict())

@@ -23,10 +23,10 @@ from distlm import adapters
 from distlm.checkpoint import TrainState, read_train_state, write_records, write_train_state
 from distlm.config import Config
 from distlm.data.batches import PretrainBatches, TaskBatches, encode_example
-from distlm.data.tasks import load_tasks
+from distlm.data.tasks import ROUTER, load_tasks
 from distlm.engine import Engine
 from distlm.evaluate import evaluate_tasks, validation_loss, write_report
-from distlm.heads import TaskModel, head_adapter, write_heads_config
+from distlm.heads import TaskModel, head_adapter, router_layers, write_heads_config
 from distlm.models import build_model, flops_per_token
 from distlm.runtime import all_reduce_sum, resolve_runtime
 from distlm.tracking import StopSignal, make_tracker, measure_matmul_peak, memory_now, process_rss, report_placement
@@ -66,7 +66,8 @@ def train_worker(config: Dict[str, Any]) -> None:
     model = lm = adapters.apply_adapters(model, cfg.adapter, list(tasks))
     heads = {name: task.labels for name, task in tasks.items() if task.is_classification}
     if heads:  # classification tasks and the router: linear heads over the model's hidden states
-        model = TaskModel(lm, heads)
+        layers = {ROUTER: router_layers(lm, cfg.task.router_depth)} if ROUTER in heads else {}
+        model = TaskModel(lm, heads, layers)
     engine.prepare(model, adapters.param_groups(model, cfg.adapter, list(tasks), tr.weight_decay))
 
     def activate(task: Optional[str]) -> None:
@@ -220,7 +221,7 @@ def save_checkpoint(
             if adapters.adapter_names(cfg.adapter, task_names):
                 adapters.save_adapter_configs(lm, directory)
             if hasattr(engine.module, "heads"):
-                write_heads_config(directory, engine.module.labels, cfg.adapter, task_names, temperatures or {})
+                write_heads_config(directory, engine.module, cfg.adapter, task_names, temperatures or {})
             if probe is not None:
                 torch.save(probe, Path(directory) / "probe.pt")
             write_records(directory, records or [])

@@ -136,9 +136,49 @@ def test_agent_config_errors(tmp_path):
         (["task=agent", "adapter=per_task_lora", "+task.tasks.router={generator: addition}"], "'router' is the name"),
         (["task=agent", "adapter=per_task_lora", "+task.tasks.base={generator: addition}"], "may not be named 'base'"),
         (["task=agent", "adapter=per_task_lora", "adapter.head_lr_scale=0"], "adapter.head_lr_scale=0"),
+        (["task=agent", "adapter=per_task_lora", "task.router_depth=0"], "task.router_depth=0"),
     ]:
         with pytest.raises(ConfigError, match=message):
             compose([*overrides, f"hydra.run.dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_router_features_are_the_first_layers_through_the_final_norm(arch, tmp_path):
+    """pooled_hidden(layers=k) equals plain transformers' model loaded with num_hidden_layers=k, and
+    with stop=True no layer after the k-th runs (perception costs only the layers it reads)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from distlm.heads import pooled_hidden, router_layers
+
+    sizes = {"vocab_size": 97, "num_hidden_layers": 8, "hidden_size": 32, "num_attention_heads": 4}
+    if arch == "llama":
+        sizes.update(intermediate_size=64, num_key_value_heads=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **sizes)).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    k = router_layers(model, 0.25)
+    assert k == 2 and router_layers(model, 0.01) == 1 and router_layers(model, 1.0) == 8
+    ids = torch.randint(0, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # padding is left out of the mean
+    blocks = model.base_model.layers if arch == "llama" else model.base_model.h
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        stopped = pooled_hidden(model, ids, mask, k, stop=True)
+        assert ran == [0, 1]
+        full_pass = pooled_hidden(model, ids, mask, k)  # what training runs: every layer, layer k read
+        assert ran[2:] == list(range(8))
+    for h in hooks:
+        h.remove()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, num_hidden_layers=k).eval()
+    with torch.no_grad():
+        hidden = plain.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    reference = torch.stack([hidden[0].mean(0), hidden[1, :6].mean(0)])
+    assert torch.allclose(stopped, reference, atol=1e-5) and torch.allclose(full_pass, reference, atol=1e-5)
+    with torch.no_grad():
+        final = pooled_hidden(model, ids, mask)
+    assert not torch.allclose(final, reference, atol=1e-3)  # the final states are something else
 
 
 # ---------------------------------------------------------------- end to end (real Ray + DeepSpeed)
@@ -170,11 +210,12 @@ def _plain_head_logits(export: Path, name: str, input_ids: torch.Tensor) -> torc
     weights = load_file(folder / "head.safetensors")
     head = torch.nn.Linear(config["in_features"], len(config["labels"]))
     head.load_state_dict(weights)
-    model = AutoModelForCausalLM.from_pretrained(export)
+    layers = {"num_hidden_layers": config["num_hidden_layers"]} if config["num_hidden_layers"] else {}
+    model = AutoModelForCausalLM.from_pretrained(export, **layers)
     if config["adapter"] is not None:
         model = PeftModel.from_pretrained(model, export / "adapters" / config["adapter"]).merge_and_unload()
     with torch.no_grad():
-        hidden = model(input_ids=input_ids, output_hidden_states=True).hidden_states[-1]
+        hidden = model.base_model(input_ids=input_ids).last_hidden_state
         return head(hidden.mean(dim=1))  # mean over the request's tokens (no padding here)
 
 
@@ -219,6 +260,9 @@ def test_heads_and_router_train_export_and_load_without_distlm(zero, agent_runs,
     info = json.loads((export / "distlm_export.json").read_text())
     assert info["heads"] == ["intent", ROUTER] and info["probe_max_abs_diff"] <= 1e-4
     probe = torch.load(Path(summary["checkpoint"]) / "probe.pt", weights_only=True)
+    router_config = json.loads((export / ROUTER / "head_config.json").read_text())
+    assert router_config["num_hidden_layers"] == 1  # task.router_depth 0.25 of the model's 2 layers
+    assert json.loads((export / "heads" / "intent" / "head_config.json").read_text())["num_hidden_layers"] is None
     for name in ("intent", ROUTER):
         logits = _plain_head_logits(export, name, probe["input_ids"])
         assert torch.allclose(logits, probe["heads"][name], atol=1e-4), name
