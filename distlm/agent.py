@@ -20,6 +20,8 @@ import torch
 
 from distlm.heads import ROUTER, load_head, pooled_hidden
 
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch (adapter_names)
+
 
 @dataclass
 class Route:
@@ -88,19 +90,15 @@ class Agent:
         self.device = next(model.parameters()).device
 
     def _features(self, prompts: Sequence[Sequence[int]], head: str) -> torch.Tensor:
-        """The head's input: its adapter active (none = the base), the decoder layers it reads and no
-        more (the router stops after the first task.router_depth of them)."""
+        """The head's input: its adapter on each row (none = the base), the decoder layers it reads
+        and no more (the router stops after the first task.router_depth of them). Adapters are
+        chosen per row (peft's adapter_names), never switched on the shared model."""
         config = self.heads.configs[head]
         adapter, layers = config.get("adapter"), config.get("num_hidden_layers")
         ids, mask = _batch(prompts, self.pad_id, self.device)
-        adapters = getattr(self.model, "peft_config", None)
+        names = [adapter or BASE_ADAPTER] * len(prompts) if getattr(self.model, "peft_config", None) else None
         with torch.no_grad():
-            if adapters and adapter is None:
-                with self.model.disable_adapter():
-                    return pooled_hidden(self.model, ids, mask, layers, stop=True)
-            if adapter is not None:
-                self.model.set_adapter(adapter)
-            return pooled_hidden(self.model, ids, mask, layers, stop=True)
+            return pooled_hidden(self.model, ids, mask, layers, stop=True, adapter_names=names)
 
     def route(self, prompts: Sequence[Sequence[int]]) -> List[Route]:
         """The router's choice for each request (the base model's features: no adapter involved)."""

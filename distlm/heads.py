@@ -24,8 +24,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from distlm.data.tasks import ROUTER
 from distlm.config import ConfigError
+from distlm.data.tasks import ROUTER
 
 HEADS_DIR = "heads"  # export/heads/<task>/ and export/router/: head.safetensors + head_config.json
 POOLING = "mean"  # the final hidden states averaged over the request's tokens
@@ -72,12 +72,8 @@ class _Stop(Exception):
     """Raised by the hook on the last layer a head reads: nothing after it needs computing."""
 
 
-def _prefix_hidden(model: torch.nn.Module, input_ids, attention_mask, layers: int, stop: bool) -> torch.Tensor:
-    """The output of decoder layer `layers` through the model's final norm (= last_hidden_state of the
-    same model loaded with num_hidden_layers=layers). stop=True skips the remaining layers; training
-    runs them (ZeRO-3 gathers parameters per layer in forward order and must see every layer)."""
-    blocks = _child(model, ("layers", "h"), "layer list")
-    norm = _child(model, ("norm", "ln_f", "final_layernorm"), "final norm")
+def _captured(call, capture_at: torch.nn.Module, stop: bool) -> torch.Tensor:
+    """Run call() and return what `capture_at` outputs in it; stop=True skips everything after it."""
     seen: List[torch.Tensor] = []
 
     def capture(_module, _args, output):
@@ -85,14 +81,40 @@ def _prefix_hidden(model: torch.nn.Module, input_ids, attention_mask, layers: in
         if stop:
             raise _Stop
 
-    handle = blocks[layers - 1].register_forward_hook(capture)
+    handle = capture_at.register_forward_hook(capture)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        call()
     except _Stop:
         pass
     finally:
         handle.remove()
-    return norm(seen[0])
+    return seen[0]
+
+
+@contextlib.contextmanager
+def rows_through(lm: torch.nn.Module, adapter_names: Optional[List[str]]):
+    """Inside, each row of a batch goes through its own peft adapter ("__base__": none), without
+    switching the model's adapters (switching them all off costs more than a forward here): peft's
+    mixed-batch forward (adapter_names), with the hooks that pass it always removed, also when the
+    forward is cut short (peft's own context leaves them behind on an exception)."""
+    if adapter_names is None:
+        yield
+        return
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    def inject(_module, args, kwargs):
+        return args, {**kwargs, "adapter_names": adapter_names}
+
+    handles = []
+    try:
+        for module in lm.modules():
+            if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
+                handles.append(module.register_forward_pre_hook(inject, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def pooled_hidden(
@@ -101,14 +123,24 @@ def pooled_hidden(
     attention_mask: torch.Tensor,
     layers: Optional[int] = None,
     stop: bool = False,
+    adapter_names: Optional[List[str]] = None,
 ) -> torch.Tensor:
     """Hidden states after the final norm averaged over the tokens of each request: (batch, hidden).
-    layers=None reads the final ones; layers=k the output of the k-th decoder layer."""
+    layers=None reads the final ones; layers=k the output of the k-th decoder layer put through the
+    final norm (= last_hidden_state of the model loaded with num_hidden_layers=k). stop=True skips
+    the layers after it (serving; training runs them all: ZeRO-3 gathers parameters per layer in
+    forward order). adapter_names: each row's peft adapter (see rows_through)."""
     model = decoder(lm)
-    if layers is None or layers >= num_layers(lm):
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    else:
-        hidden = _prefix_hidden(model, input_ids, attention_mask, layers, stop)
+
+    def call():
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    with rows_through(lm, adapter_names):
+        if layers is None or layers >= num_layers(lm):
+            hidden = call().last_hidden_state
+        else:
+            norm = _child(model, ("norm", "ln_f", "final_layernorm"), "final norm")
+            hidden = norm(_captured(call, _child(model, ("layers", "h"), "layer list")[layers - 1], stop))
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 

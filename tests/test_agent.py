@@ -180,6 +180,18 @@ def test_router_features_are_the_first_layers_through_the_final_norm(arch, tmp_p
         final = pooled_hidden(model, ids, mask)
     assert not torch.allclose(final, reference, atol=1e-3)  # the final states are something else
 
+    # Under a peft model with adapters (as served): "__base__" rows read the base, the forward is cut
+    # after layer k, and no hook is left behind on the adapter layers.
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    peft_model.eval()
+    with torch.no_grad():
+        base_rows = pooled_hidden(peft_model, ids, mask, k, stop=True, adapter_names=["__base__"] * 2)
+        adapted = pooled_hidden(peft_model, ids, mask, k, stop=True, adapter_names=["default"] * 2)
+    assert torch.allclose(base_rows, reference, atol=1e-5) and not torch.allclose(adapted, reference, atol=1e-3)
+    assert not any(m._forward_pre_hooks for m in peft_model.modules())
+
 
 # ---------------------------------------------------------------- end to end (real Ray + DeepSpeed)
 

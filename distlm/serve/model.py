@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
+from distlm.agent import BASE_ADAPTER
 from distlm.config import AgentConfig, ConfigError
 
 # Used when the tokenizer has no chat template of its own: the one fine-tuning used.
@@ -26,8 +27,6 @@ from distlm.data.tasks import DEFAULT_CHAT_TEMPLATE
 from distlm.export import AGENT, ExportInfo, find_export  # noqa: F401  (served exports are found there)
 
 log = logging.getLogger("ray.serve")
-# peft's adapter name for "no adapter" in a mixed-adapter batch (adapter_names=[...]).
-BASE_ADAPTER = "__base__"
 
 
 @dataclass
