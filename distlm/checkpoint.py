@@ -4,17 +4,23 @@ A checkpoint directory (one per saved step, persisted by Ray Train) holds:
   state/                  DeepSpeed's shards (model, optimizer, scheduler), one file set per rank
   train_state_rank{r}.pt  step, sampler position, RNG states, tracker run id (per rank)
   manifest.json           step, world size, ZeRO stage: written by rank 0
+  checksums_rank{r}.json  size and SHA-256 of every file rank r wrote, computed as it saved
   probe.pt                (final checkpoint only) a fixed batch and the trained model's logits
   metrics.jsonl           rank 0's logged records since the previous checkpoint
 
 Ray Train registers a checkpoint only after every rank has reported it, so a crash while
-saving leaves nothing that a resume would pick up; `verify` double-checks the files.
+saving leaves nothing that a resume would pick up. `verify` checks every file's size and
+checksum; the driver checks the newest checkpoint before resuming, and resumes from the newest
+intact one when it is damaged or missing (`find_resumable`); `distlm check` checks them all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -22,8 +28,10 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums_rank{r}.json
 RECORDS = "metrics.jsonl"
+CHECKSUMS = "checksums_rank{rank}.json"
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints
 
 
 class CheckpointError(RuntimeError):
@@ -88,31 +96,139 @@ def recover_records(checkpoints: Path, metrics_path: Path) -> int:
     return len(missing)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: str, rank: int) -> None:
+    """Record the size and SHA-256 of every file this rank wrote (the last thing it writes)."""
+    d = Path(directory)
+    files = {
+        str(p.relative_to(d)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and not p.name.startswith("checksums_rank")
+    }
+    (d / CHECKSUMS.format(rank=rank)).write_text(json.dumps(files, indent=1))
+
+
 def read_manifest(directory: str) -> Dict[str, Any]:
     path = Path(directory) / "manifest.json"
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"checkpoint {directory} does not exist")
     if not path.exists():
-        raise CheckpointError(f"{directory} is not a distlm checkpoint (no manifest.json)")
-    return json.loads(path.read_text())
+        raise CheckpointError(f"{directory} is not a complete distlm checkpoint (no manifest.json)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {directory} is damaged: manifest.json is not valid JSON ({e})") from e
 
 
-def verify(directory: str) -> Dict[str, Any]:
-    """The manifest, after checking that every rank's files are present."""
+def verify(directory: str, checksums: bool = True) -> Dict[str, Any]:
+    """The manifest, after checking that every rank's files are there with the size (and, with
+    checksums=True, the SHA-256) they were written with. Raises CheckpointError naming the files."""
     manifest = read_manifest(directory)
     d = Path(directory)
-    missing = [
-        f"train_state_rank{r}.pt" for r in range(manifest["world_size"]) if not (d / f"train_state_rank{r}.pt").exists()
-    ]
-    if not (d / "state").is_dir():
-        missing.append("state/")
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {directory} is incomplete, missing {', '.join(missing)}: delete it to resume from an earlier one"
-        )
+    problems: List[str] = []
+    if manifest.get("format", 1) < 2:  # written before checksums: presence only
+        problems += [
+            f"train_state_rank{r}.pt missing"
+            for r in range(manifest["world_size"])
+            if not (d / f"train_state_rank{r}.pt").exists()
+        ]
+        if not (d / "state").is_dir():
+            problems.append("state/ missing")
+    for rank in range(manifest["world_size"] if manifest.get("format", 1) >= 2 else 0):
+        listing = d / CHECKSUMS.format(rank=rank)
+        if not listing.exists():
+            problems.append(f"{listing.name} missing")
+            continue
+        for name, expected in json.loads(listing.read_text()).items():
+            path = d / name
+            if not path.is_file():
+                problems.append(f"{name} missing")
+            elif path.stat().st_size != expected["size"]:
+                problems.append(f"{name} has {path.stat().st_size} bytes, {expected['size']} were written")
+            elif checksums and _sha256(path) != expected["sha256"]:
+                problems.append(f"{name} does not match the checksum it was written with")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"checkpoint {directory} is damaged: {'; '.join(problems[:3])}{more}")
     return manifest
 
 
+def checkpoint_step(directory: str | Path) -> int:
+    return int(Path(directory).name.split("_")[-1])
+
+
+def registered(checkpoints: Path) -> List[str]:
+    """The checkpoint directories Ray Train's snapshot lists (the ones it would resume from)."""
+    try:
+        snapshot = json.loads((checkpoints / SNAPSHOT).read_text())
+        return [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def check_all(checkpoints: Path) -> List[Dict[str, Any]]:
+    """Every step_* checkpoint of a run, newest first: step, path, registered, error (None = intact)."""
+    listed = set(registered(checkpoints))
+    names = {p.name for p in checkpoints.glob("step_*") if p.is_dir()} | listed
+    rows = []
+    for name in sorted(names, key=checkpoint_step, reverse=True):
+        try:
+            verify(str(checkpoints / name))
+            error = None
+        except CheckpointError as e:
+            error = str(e)
+        rows.append(
+            {
+                "step": checkpoint_step(name),
+                "path": str(checkpoints / name),
+                "registered": name in listed,
+                "error": error,
+            }
+        )
+    return rows
+
+
+def find_resumable(checkpoints: Path, log) -> Optional[str]:
+    """Before resuming: None when Ray Train can resume from its newest checkpoint as it is. When that
+    one (or any it lists) is damaged or missing, the damaged ones and Ray's snapshot are moved to
+    checkpoints/damaged/ and the newest intact checkpoint is returned, for the workers to start
+    from. Raises CheckpointError when no checkpoint is intact (never a silent fresh start)."""
+    listed = registered(checkpoints)
+    if not listed:
+        return None
+    rows = check_all(checkpoints)
+    bad = [r for r in rows if r["error"] is not None]
+    newest_listed = max(listed, key=checkpoint_step)
+    if not any(r["registered"] and r["error"] for r in rows) and Path(checkpoints / newest_listed).is_dir():
+        return None
+    intact = [r for r in rows if r["error"] is None]
+    if not intact:
+        reasons = "; ".join(r["error"] for r in bad[:3])
+        raise CheckpointError(
+            f"no checkpoint of this run is intact ({reasons}): they are left as they are for inspection "
+            "(`distlm check` lists them); to train from scratch, use a new hydra.run.dir"
+        )
+    newest = intact[0]
+    damaged = checkpoints / "damaged" / time.strftime("%Y%m%d-%H%M%S")
+    damaged.mkdir(parents=True)
+    for r in bad:
+        log(r["error"])
+        if Path(r["path"]).exists():
+            shutil.move(r["path"], damaged / Path(r["path"]).name)
+    shutil.move(str(checkpoints / SNAPSHOT), damaged / SNAPSHOT)
+    log(f"resuming from {newest['path']}, the newest intact checkpoint (the damaged ones are in {damaged})")
+    return newest["path"]
+
+
 def read_train_state(directory: str, rank: int, world_size: int) -> TrainState:
-    manifest = verify(directory)
+    manifest = verify(directory, checksums=False)  # sizes: the driver checked the checksums
     if manifest["world_size"] != world_size:
         raise CheckpointError(
             f"checkpoint {directory} was written by {manifest['world_size']} workers, this run has {world_size}: "

@@ -42,6 +42,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from distlm import trainer
+    from distlm.checkpoint import CheckpointError
+    from distlm.failures import RunFailed
 
     console = Console(stderr=True)
     try:
@@ -50,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail(str(e), EXIT_CONFIG)
     except trainer.Preempted as e:
         return _fail(str(e), EXIT_PREEMPTED)
-    except trainer.ExportFailed as e:
+    except (trainer.ExportFailed, RunFailed, CheckpointError) as e:
         return _fail(str(e), 1)
     except KeyboardInterrupt:
         return _fail(
@@ -223,6 +225,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Verify every checkpoint of a run (each file's size and checksum) without training. Exit 0
+    when the newest is intact (a resume starts there), 1 otherwise."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from distlm.checkpoint import check_all
+
+    checkpoints = Path(args.run) / "checkpoints"
+    if not checkpoints.is_dir():
+        return _fail(f"{args.run} has no checkpoints/ folder: give a run directory (runs/<run>)", EXIT_CONFIG)
+    rows = check_all(checkpoints)
+    if not rows:
+        return _fail(f"no checkpoints in {checkpoints}", 1)
+    table = Table(title=f"checkpoints of {args.run}")
+    for column in ("step", "registered", "status", "path"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        status = "intact" if r["error"] is None else f"[red]{r['error']}[/]"
+        table.add_row(str(r["step"]), "yes" if r["registered"] else "no", status, r["path"])
+    Console().print(table)
+    if rows[0]["error"] is not None:
+        intact = next((r for r in rows if r["error"] is None), None)
+        after = f"a resume starts from step {intact['step']}, the newest intact one" if intact else "none is intact"
+        print(f"the newest checkpoint (step {rows[0]['step']}) is damaged: {after}")
+        return 1
+    print(f"the newest checkpoint (step {rows[0]['step']}) is intact")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Per-task scores of an export (each example through its own task's layer), and, when the export
     has a router, the agent end to end (each example where the router sends it)."""
@@ -377,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", help="a specific checkpoint directory (default: the newest complete one)")
     export.add_argument("--out", help="output directory (default: <run>/export)")
     export.set_defaults(func=cmd_export)
+    check = sub.add_parser("check", help="verify a run's checkpoints (every file's size and checksum) without training")
+    check.add_argument("run", help="the run directory (runs/<run>)")
+    check.set_defaults(func=cmd_check)
     evaluate = sub.add_parser("eval", help="per-task loss and exact match of a run's export (task=... picks the tasks)")
     evaluate.add_argument("run", help="run directory or export directory")
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")

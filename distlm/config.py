@@ -201,6 +201,20 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class LossSpikeConfig:
+    """The loss-spike guard: a logged train loss above `factor` x the running median of the last
+    `window` logged losses of the same task (the median floored at 1.0) is a spike."""
+
+    factor: float = 10.0  # 0 = off
+    window: int = 20
+    min_history: int = 5  # logged losses of the task before spikes are judged
+    # warn | rollback: reload the newest checkpoint and skip the batches since it
+    action: str = "warn"
+    # Spikes (or rollbacks) in a row after which the run stops as diverged; 0 = never.
+    patience: int = 5
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 100
     micro_batch_size: int = 8
@@ -219,8 +233,13 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     # auto: continue from the newest complete checkpoint of this run dir | never
     resume: str = "auto"
-    # Worker-group restarts Ray Train may do before the run fails.
+    # Worker-group restarts after infrastructure failures (a worker or node died, a collective
+    # broke or timed out) before the run fails; deterministic errors are never retried.
     max_failures: int = 2
+    # Optimizer steps in a row skipped for non-finite gradients (no update is made; each is
+    # counted in train/skipped_steps) after which the run stops, naming the steps and the fix.
+    max_bad_steps: int = 3
+    loss_spike: LossSpikeConfig = field(default_factory=LossSpikeConfig)
     seed: int = 1234
     # Cap on torch intra-op threads per worker (None = cluster.cpus_per_worker).
     threads: Optional[int] = None
@@ -515,6 +534,21 @@ def validate(cfg: Config) -> None:
             )
         if es.patience < 1:
             raise ConfigError(f"trainer.early_stopping.patience={es.patience} must be at least 1 (evaluations)")
+    if not 0 < tr.lr < float("inf"):
+        raise ConfigError(f"trainer.lr={tr.lr} must be a positive finite number (e.g. 3e-4)")
+    if tr.max_bad_steps < 1:
+        raise ConfigError(f"trainer.max_bad_steps={tr.max_bad_steps} must be at least 1 (skipped steps in a row)")
+    spike = tr.loss_spike
+    _choice("trainer.loss_spike.action", spike.action, ["warn", "rollback"])
+    if spike.factor != 0 and spike.factor <= 1:
+        raise ConfigError(
+            f"trainer.loss_spike.factor={spike.factor} must be above 1 (x the running median), or 0 to turn the guard off"
+        )
+    if spike.window < 1 or spike.min_history < 1 or spike.patience < 0:
+        raise ConfigError(
+            "trainer.loss_spike.window and .min_history must be at least 1 and .patience at least 0 "
+            f"(got {spike.window}, {spike.min_history}, {spike.patience})"
+        )
     if tr.warmup_steps < 0:
         raise ConfigError(f"trainer.warmup_steps={tr.warmup_steps} must be at least 0")
     if tr.warmup_steps > tr.max_steps:

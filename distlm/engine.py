@@ -97,9 +97,17 @@ class TaskAwareAdamW(torch.optim.AdamW):
     idle groups. DeepSpeed keeps one flat partition per group, so whole groups are skipped."""
 
     step_task: Optional[str] = None  # None: every group trains
+    # Set by the engine (ZeRO-0 only, where DeepSpeed calls this optimizer directly) when the
+    # averaged gradients are not finite: the step is skipped, and DeepSpeed, seeing `overflow`,
+    # skips the scheduler step and counts it in skipped_steps, as its ZeRO optimizers do.
+    skip_next = False
+    overflow = False
 
     @torch.no_grad()
     def step(self, closure=None):
+        self.overflow, self.skip_next = self.skip_next, False
+        if self.overflow:
+            return None
         hidden = []
         for group in self.param_groups:
             owners = group.get("tasks")
@@ -173,6 +181,11 @@ class Engine:
             config=self.ds_config,
             dist_init_required=False,
         )
+        # A step whose gradients are not finite is skipped (no update, no scheduler step; counted
+        # in skipped_steps). DeepSpeed's ZeRO optimizers check only in fp16/bf16 by default; the
+        # check is one all-reduced flag, so every rank skips the same steps.
+        if hasattr(self.ds.optimizer, "check_grad_overflow"):
+            self.ds.optimizer.check_grad_overflow = True
 
     @property
     def module(self) -> torch.nn.Module:
@@ -202,7 +215,19 @@ class Engine:
             # Kept on the device: read only when logged.
             grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
             self._stage0_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            if isinstance(self.optimizer, TaskAwareAdamW) and not torch.isfinite(self._stage0_norm):
+                self.optimizer.skip_next = True  # the same on every rank: the gradients are averaged
         self.ds.step()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far for non-finite gradients (a host counter: no sync)."""
+        return int(self.ds.skipped_steps)
+
+    def advance_schedule(self, steps: int) -> None:
+        """Move the learning-rate schedule on by `steps` optimizer steps (after a rollback)."""
+        for _ in range(steps):
+            self.scheduler.step()
 
     def grad_norm(self) -> float:
         norm = self.ds.get_global_grad_norm() if self.zero_stage > 0 else self._stage0_norm

@@ -61,3 +61,16 @@ def all_reduce_sum(values: Sequence[Union[float, torch.Tensor]], device: Union[s
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def apply_collective_timeout(seconds: int) -> None:
+    """Every process group created from now on in this worker times its collectives out after
+    `seconds` (cluster.collective_timeout_s). Ray Train gives its world group that timeout, but
+    DeepSpeed makes its own groups (ZeRO's data-parallel group), which torch would otherwise give
+    its 30-minute default: a stalled rank would hang the others for half an hour."""
+    from datetime import timedelta
+
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timedelta(seconds=seconds)
+    c10d.default_pg_nccl_timeout = timedelta(seconds=seconds)

@@ -93,6 +93,11 @@ class MetricsSink:
         self.memory: Dict[int, Dict[str, float]] = {}
         # Set by the driver's SIGTERM handler; the workers poll it every step.
         self.stop = False
+        self.failures: List[Dict[str, Any]] = []  # distlm.failures.failure_record, in order
+        self.starts = 0  # worker group starts (1 + restarts)
+        self.warnings: List[str] = []
+        self.beats: Dict[int, Dict[str, Any]] = {}  # each rank's last heartbeat (distlm.failures.Heartbeat)
+        self.controller_handle = None  # Ray Train's controller (distlm.failures.controller_callback)
 
     def put(self, record: Dict[str, Any]) -> None:
         self.records.append(record)
@@ -106,6 +111,40 @@ class MetricsSink:
 
     def stop_requested(self) -> bool:
         return self.stop
+
+    def put_failure(self, record: Dict[str, Any]) -> None:
+        self.failures.append(record)
+
+    def deterministic_failure(self) -> Optional[Dict[str, Any]]:
+        return next((f for f in self.failures if f["kind"] == "deterministic"), None)
+
+    def all_failures(self) -> List[Dict[str, Any]]:
+        return list(self.failures)
+
+    def put_heartbeat(self, rank: int, beat: Dict[str, Any]) -> None:
+        self.beats[rank] = beat
+
+    def heartbeats(self) -> Dict[int, Dict[str, Any]]:
+        return dict(self.beats)
+
+    def set_controller(self, handle) -> None:
+        self.controller_handle = handle
+
+    def controller(self):
+        return self.controller_handle
+
+    def count_start(self) -> None:
+        self.starts += 1
+
+    def start_count(self) -> int:
+        return self.starts
+
+    def put_warning(self, text: str) -> None:
+        self.warnings.append(text)
+
+    def drain_warnings(self) -> List[str]:
+        out, self.warnings = self.warnings, []
+        return out
 
     def put_placement(self, rank: int, info: Dict[str, Any]) -> None:
         self.placement[rank] = info

@@ -20,29 +20,54 @@ import ray.train
 import torch
 
 from distlm import adapters
-from distlm.checkpoint import TrainState, read_train_state, write_records, write_train_state
+from distlm.checkpoint import (
+    TrainState,
+    read_train_state,
+    verify,
+    write_checksums,
+    write_records,
+    write_train_state,
+)
 from distlm.config import Config
 from distlm.data.batches import PretrainBatches, TaskBatches, encode_example
 from distlm.data.tasks import ROUTER, load_tasks
 from distlm.engine import Engine
 from distlm.evaluate import evaluate_tasks, validation_loss, write_report
+from distlm.failures import BadSteps, Faults, Heartbeat, SpikeGuard, Where, handle_worker_error
 from distlm.heads import TaskModel, head_adapter, router_layers, write_heads_config
 from distlm.models import build_model, flops_per_token
-from distlm.runtime import all_reduce_sum, resolve_runtime
+from distlm.runtime import all_reduce_sum, apply_collective_timeout, resolve_runtime
 from distlm.tracking import StopSignal, make_tracker, measure_matmul_peak, memory_now, process_rss, report_placement
 
 
 def train_worker(config: Dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker: the loop, and what a failure in it means (see
+    distlm.failures: a deterministic one ends the run everywhere, an infrastructure one restarts)."""
+    where = Where()
+    rank = ray.train.get_context().get_world_rank()
+    heartbeat = Heartbeat(config.get("sink"), rank, where)
+    try:
+        _train(config, where)
+    except Exception as e:  # noqa: BLE001 - classified, reported, and re-raised if worth a restart
+        handle_worker_error(e, config.get("sink"), rank, where)
+    finally:
+        heartbeat.stop()
+
+
+def _train(config: Dict[str, Any], where: Where) -> None:
     cfg: Config = config["cfg"]
     tr, seq_len = cfg.trainer, cfg.data.seq_len
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     sink = config.get("sink")
     report_placement(sink, rank)
+    if sink is not None and rank == 0:
+        sink.count_start.remote()  # the driver counts the worker group's (re)starts
     rss_at_start = process_rss()  # the libraries, before any model: the baseline of memory.json
     _quiet_libraries()
     torch.set_num_threads(tr.threads or cfg.cluster.cpus_per_worker)
     runtime = resolve_runtime(cfg.cluster)
+    apply_collective_timeout(cfg.cluster.collective_timeout_s)  # before DeepSpeed makes its groups
 
     # The batch source: task examples (fine-tuning) or token blocks (pretraining).
     tasks, tokenizer = {}, None
@@ -105,7 +130,10 @@ def train_worker(config: Dict[str, Any]) -> None:
     # resumed run; everything needed to continue exactly is in it.
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):  # the newest intact one, when Ray's newest was damaged
+        checkpoint = ray.train.Checkpoint(config["resume_from"])
     if checkpoint is not None:
+        where.at("loading the checkpoint")
         with checkpoint.as_directory() as directory:
             engine.load(directory)
             state = read_train_state(directory, rank, world)
@@ -117,24 +145,41 @@ def train_worker(config: Dict[str, Any]) -> None:
     stop = StopSignal(sink, rank)
 
     if state.step == 0:  # the starting point of the curves (and the "before" of fine-tuning)
+        where.at("evaluation", 0)
         tracker.log(evaluate(), 0)
     engine.train()
     early = tr.early_stopping
     window = _Window(engine.device)  # what happened since the last logged step
+    bad_steps, spikes = BadSteps(tr.max_bad_steps), SpikeGuard(tr.loss_spike)
+    faults = Faults(rank, cfg.run_dir)  # test-only fault injection; nothing unless its variable is set
+    saved_step = state.step if checkpoint is not None else None  # the newest checkpoint (for rollback)
     memory_reported = False
     while state.step < tr.max_steps:
+        where.at("training", state.step + 1)
+        faults.before_step(state.step + 1)
         lr = engine.lr()
         step = batches.next(state.step)
         activate(step.task)
         head = {"head": step.head} if step.head else {}  # a classification step: which head reads the model
+        skipped_before = engine.skipped_steps
+        step_loss, step_tokens = torch.zeros((), device=engine.device), 0
         for micro_batch in step.micro_batches:
             loss = engine(**{k: v.to(engine.device, non_blocking=True) for k, v in micro_batch.items()}, **head).loss
+            loss = faults.loss(state.step + 1, loss)
             engine.backward(loss)
             engine.step()
             mask = micro_batch.get("attention_mask")  # on the host: counting tokens costs no sync
-            window.add(loss.detach(), int(mask.sum()) if mask is not None else micro_batch["input_ids"].numel())
+            step_loss += loss.detach().float()
+            step_tokens += int(mask.sum()) if mask is not None else micro_batch["input_ids"].numel()
         state.step += 1
-        window.steps += 1
+        # DeepSpeed skipped the update (non-finite gradients, found by its all-reduced check): the
+        # step's loss stays out of the logged mean; too many in a row stop the run.
+        skipped = engine.skipped_steps > skipped_before
+        if bad_steps.update(state.step, skipped):
+            raise bad_steps.error(state.step, float(step_loss) / len(step.micro_batches), lr, runtime.precision)
+        if not skipped:
+            window.add(step_loss, step_tokens)
+            window.steps += 1
         window.tasks.add(step.task)
         last = state.step == tr.max_steps
         evaluating = state.step % tr.eval_every == 0 or last
@@ -146,7 +191,7 @@ def train_worker(config: Dict[str, Any]) -> None:
         loss_sum, window_tokens, stop_votes = all_reduce_sum(
             [window.loss_sum / engine.accum_steps, window.tokens, stop.poll()], engine.device
         )
-        train_loss = loss_sum / world / window.steps
+        train_loss = loss_sum / world / window.steps if window.steps else float("nan")
         state.tokens_seen += int(window_tokens)
         elapsed = time.perf_counter() - window.start
         metrics = {
@@ -156,8 +201,27 @@ def train_worker(config: Dict[str, Any]) -> None:
             "train/tokens_per_s": window_tokens / elapsed,
             "train/mfu": window_tokens / world * model_flops_per_token / elapsed / peak_flops,
             "train/tokens_seen": state.tokens_seen,
-            "train/step_time_s": elapsed / window.steps,
+            "train/step_time_s": elapsed / max(1, window.steps),
+            "train/skipped_steps": engine.skipped_steps,
         }
+        # The loss-spike guard (the loss is all-reduced: every rank decides alike).
+        spike = spikes.check(state.step, train_loss, step.task if window.tasks == {step.task} else None)
+        if spike is not None:
+            metrics["train/loss_spike"] = train_loss
+            if spikes.diverged():
+                raise spikes.error(state.step, spike, lr)
+            if tr.loss_spike.action == "rollback":
+                if saved_step is None:
+                    spike += "; no checkpoint yet to roll back to"
+                else:
+                    where.at("rolling back")
+                    _rollback(engine, cfg, saved_step, state.step)
+                    spike += (
+                        f"; rolled back to the step-{saved_step} checkpoint's weights and optimizer, "
+                        f"the batches of steps {saved_step + 1}-{state.step} dropped"
+                    )
+            if sink is not None and rank == 0:
+                sink.put_warning.remote(spike)  # the driver shows it
         if step.task is not None:
             if window.tasks == {step.task}:
                 metrics[f"train/{step.task}/loss"] = train_loss
@@ -168,12 +232,15 @@ def train_worker(config: Dict[str, Any]) -> None:
             sink.put_memory.remote(rank, {"start_rss": rss_at_start, "states": memory_now(engine.device)["tensors"]})
         stopping_early = False
         if evaluating:
+            where.at("evaluation")
             metrics |= evaluate()
             if early.metric is not None:
                 stopping_early = track_best(state, early, metrics)
                 metrics |= {"early_stopping/best_step": state.best_step, "early_stopping/best": state.best_value}
         tracker.log(metrics, state.step)
         if saving:
+            where.at("saving a checkpoint")
+            saved_step = state.step
             probe = _probe(engine, batches, tasks, tokenizer, cfg) if last or early.metric is not None else None
             state.sampler = batches.state_dict()
             reported = metrics | checkpoint_score(early, metrics, evaluating)
@@ -225,6 +292,7 @@ def save_checkpoint(
             if probe is not None:
                 torch.save(probe, Path(directory) / "probe.pt")
             write_records(directory, records or [])
+        write_checksums(directory, rank)  # last: what this rank wrote, as it wrote it
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -232,6 +300,16 @@ def save_checkpoint(
         )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _rollback(engine: Engine, cfg: Config, saved_step: int, step: int) -> None:
+    """The weights, optimizer and schedule of the newest checkpoint (this run's, at saved_step), with the
+    step count, data position and logs going on from `step`: the batches since the checkpoint,
+    which led to the spike, are not trained on again."""
+    directory = Path(cfg.cluster.storage_path or cfg.run_dir) / "checkpoints" / f"step_{saved_step:08d}"
+    verify(str(directory))
+    engine.load(str(directory))
+    engine.advance_schedule(step - saved_step)
 
 
 def _probe(engine: Engine, batches, tasks, tokenizer, cfg: Config) -> Dict[str, Any]:

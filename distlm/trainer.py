@@ -8,10 +8,12 @@ import re
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from distlm.config import Config, ConfigError
+from distlm.failures import FAILURE_LOG
 
 CHECKPOINTS = "checkpoints"
 
@@ -52,6 +54,7 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from distlm.failures import controller_callback
     from distlm.tracking import MetricsSink
     from distlm.train import train_worker
 
@@ -62,13 +65,25 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
     console.log(
         f"runtime: {cfg.cluster.num_workers} workers on {runtime.device}, {runtime.backend}, {runtime.precision}, ZeRO-{cfg.zero.stage}"
     )
+    resume_from = None
+    if snapshot.exists():
+        from distlm.checkpoint import find_resumable
+
+        # A damaged or missing newest checkpoint: resume from the newest intact one, saying so.
+        resume_from = find_resumable(snapshot.parent, lambda line: console.log(f"[yellow]checkpoints:[/] {line}"))
     sink = ray.remote(num_cpus=0)(MetricsSink).remote()
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if runtime.device == "cuda":
         resources["GPU"] = cfg.cluster.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg, "data": data, "tokenizer_dir": str(tokenizer_dir), "sink": sink},
+        train_loop_config={
+            "cfg": cfg,
+            "data": data,
+            "tokenizer_dir": str(tokenizer_dir),
+            "sink": sink,
+            "resume_from": resume_from,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.num_workers,
             use_gpu=runtime.device == "cuda",
@@ -77,6 +92,7 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
         ),
         torch_config=TorchConfig(backend=runtime.backend, timeout_s=cfg.cluster.collective_timeout_s),
         run_config=RunConfig(
+            callbacks=[cb for cb in [controller_callback(sink)] if cb is not None],
             name=CHECKPOINTS,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
@@ -91,14 +107,21 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
             console.log(
                 f"metrics.jsonl: {recovered} records the interrupted run had not written, read back from its checkpoints"
             )
+    error = None
     with _StopOnSigterm(sink, console) as stop, _Progress(sink, metrics_path, cfg.trainer.max_steps, console):
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as e:  # noqa: BLE001 - Ray Train gave up (restarts spent): reported below
+            error = e
     # Which node each rank ran on and the rendezvous address it used (multi-node debugging).
     placement = ray.get(sink.placement_by_rank.remote(), timeout=60)
     (run_dir / "placement.json").write_text(json.dumps(placement, indent=2))
     _write_memory(run_dir, ray.get(sink.memory_by_rank.remote(), timeout=60), plan, console)
-    if result.error is not None:
-        raise result.error
+    restarts = _raise_on_failure(sink, run_dir, error or result.error, placement, metrics_path)
+    if restarts:
+        console.log(
+            f"the worker group was restarted {restarts} time(s) after infrastructure failures: {run_dir / FAILURE_LOG}"
+        )
     checkpoint = result.checkpoint.path
     step = _checkpoint_step(checkpoint)
     best = _best_step(metrics_path, cfg)
@@ -113,7 +136,13 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
         )
     console.log(f"final checkpoint: {checkpoint}")
     plot_losses(str(metrics_path), str(run_dir / "loss.png"))
-    summary = {"run_dir": str(run_dir), "checkpoint": checkpoint, "export": None, **_last_losses(metrics_path)}
+    summary = {
+        "run_dir": str(run_dir),
+        "checkpoint": checkpoint,
+        "export": None,
+        "restarts": restarts,
+        **_last_losses(metrics_path),
+    }
     if cfg.task.tasks:
         summary["tasks"] = task_table(str(metrics_path), list(cfg.task.tasks), _checkpoint_step(checkpoint))
         (run_dir / "best.json").write_text(json.dumps(best_steps(str(metrics_path), list(cfg.task.tasks)), indent=2))
@@ -252,6 +281,67 @@ def _save_config(cfg: Config, run_dir: Path) -> None:
     (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
+def _raise_on_failure(sink, run_dir: Path, error, placement: List[Dict[str, Any]], metrics_path: Path) -> int:
+    """Raise RunFailed with distlm's one-line account when the run failed (a deterministic failure on
+    any rank, or Ray Train out of restarts); otherwise return how many restarts it took."""
+    import ray
+
+    from distlm.failures import DETERMINISTIC, INFRASTRUCTURE, RunFailed, failure_message, one_line, write_failure_log
+
+    records = ray.get(sink.all_failures.remote(), timeout=60)
+    restarts = max(0, ray.get(sink.start_count.remote(), timeout=60) - 1)
+    deterministic = next((r for r in records if r["kind"] == DETERMINISTIC), None)
+    if deterministic is None and error is None:
+        if records:
+            write_failure_log(run_dir, records)
+        return restarts
+    # (after a deterministic failure, Ray Train's error is only the abort's)
+    write_failure_log(run_dir, records, extra=str(error) if error is not None and deterministic is None else "")
+    record = deterministic
+    if record is None:
+        # A worker that died took no record with it: Ray Train names its rank. Prefer it over the
+        # collateral errors of the ranks that were waiting for it.
+        dead = {
+            rank: e
+            for rank, e in (getattr(error, "worker_failures", None) or {}).items()
+            if isinstance(e, ray.exceptions.RayActorError)
+        }
+        if dead:
+            rank, e = min(dead.items())
+            node = next((p for p in placement if p["rank"] == rank), {})
+            steps = [r["step"] for r in records] or [_last_step(metrics_path)]
+            record = {
+                "kind": INFRASTRUCTURE,
+                "rank": rank,
+                "node": f"{node.get('hostname', '?')} ({node.get('node_ip', '?')})",
+                "step": max(steps),
+                "phase": "the worker process died",
+                "cause": one_line(e),
+                "time": time.time(),
+            }
+        elif records:
+            record = records[-1]
+        else:
+            record = {
+                "kind": INFRASTRUCTURE,
+                "rank": "?",
+                "node": "?",
+                "step": _last_step(metrics_path),
+                "phase": "?",
+                "cause": one_line(error),
+                "time": time.time(),
+            }
+    summary = {k: v for k, v in record.items() if k != "traceback"} | {"restarts": restarts}
+    (run_dir / "logs" / "failure.json").write_text(json.dumps(summary, indent=2))
+    raise RunFailed(failure_message(record, run_dir, restarts)) from error
+
+
+def _last_step(metrics_path: Path) -> int:
+    from distlm.tracking import read_metrics
+
+    return max((r["step"] for r in read_metrics(str(metrics_path))), default=0) if metrics_path.exists() else 0
+
+
 class ExportFailed(Exception):
     """Training finished with a complete checkpoint; writing its export did not."""
 
@@ -346,6 +436,7 @@ class _Progress:
             console=console,
         )
         self.task = self.bar.add_task("train", total=total, loss="-", val="-", tps="-")
+        self.aborted = False
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -371,6 +462,18 @@ class _Progress:
             records: List[Dict[str, Any]] = ray.get(self.sink.drain.remote(), timeout=10)
         except Exception:  # a slow or restarting cluster: try again on the next tick
             return
+        try:
+            for warning in ray.get(self.sink.drain_warnings.remote(), timeout=10):
+                self.console.log(f"[yellow]warning:[/] {warning}")
+            # A deterministic failure on any rank: end the run now (the others may be waiting in a
+            # collective for the rank that failed); the driver reports it once fit() returns.
+            if not self.aborted and ray.get(self.sink.deterministic_failure.remote(), timeout=10) is not None:
+                self.aborted = True
+                from distlm.failures import abort_run
+
+                abort_run(self.sink)
+        except Exception:  # noqa: BLE001 - as above
+            pass
         if not records:
             return
         with self.path.open("a") as f:

@@ -238,13 +238,15 @@ def test_worker_killed_mid_run_is_survived(uninterrupted, tmp_path):
     for step in range(1, 31):
         assert survived[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
     assert (run_dir / "export" / "model.safetensors").exists()
+    assert json.loads((run_dir / "summary.json").read_text())["restarts"] == 1
 
 
 def test_run_stops_with_the_cause_when_retries_are_spent(tmp_path):
     returncode, output = _run_and_kill_a_worker(tmp_path / "run", "trainer.max_failures=0")
     assert returncode == 1, output[-3000:]
     last = [line for line in output.splitlines() if line.startswith("distlm: error:")]
-    assert last and "training failed" in last[-1], output[-3000:]
+    assert last and "training failed (infrastructure: 0 restarts" in last[-1], output[-3000:]
+    assert "on rank" in last[-1] and "logs/failure.log" in last[-1], last[-1]
     assert not (tmp_path / "run" / "export").exists()
 
 
@@ -264,3 +266,66 @@ def test_export_command_rebuilds_export(uninterrupted, tmp_path):
     assert info["step"] == 30 and info["probe_max_abs_diff"] < 1e-5
     bad = run_cli("export", str(tmp_path / "nope"))
     assert bad.returncode == 2 and "not a directory" in bad.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_damaged_newest_checkpoint_resumes_from_the_newest_intact_one(uninterrupted, tmp_path, damage):
+    """The finished run's newest checkpoint (step 30) gets its optimizer shard truncated to 100
+    bytes, or is deleted while Ray Train's snapshot still lists it. `distlm check` says so; the same
+    train command reports it by path and resumes from step 20, and steps 21-30 repeat the
+    uninterrupted run's losses exactly."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    newest = run_dir / "checkpoints" / "step_00000030"
+    if damage == "truncated":
+        shard = sorted((newest / "state").glob("*optim_states.pt"))[-1]
+        with shard.open("r+b") as f:
+            f.truncate(100)
+    else:
+        shutil.rmtree(newest)
+    check = run_cli("check", str(run_dir))
+    assert check.returncode == 1, check.stdout
+    assert "a resume starts from step 20" in " ".join(check.stdout.split())
+    result = run_cli("train", *LONG, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = " ".join(result.stderr.split())
+    assert "step_00000030" in said and ("does not exist" in said if damage == "deleted" else "100 bytes" in said)
+    assert "resuming from" in said and "step_00000020, the newest intact checkpoint" in said
+    expected, resumed = _losses(uninterrupted), _losses(run_dir)  # the resumed steps' records come last
+    for step in range(21, 31):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+    assert run_cli("check", str(run_dir)).returncode == 0  # the damaged one moved to checkpoints/damaged/
+    assert list((run_dir / "checkpoints" / "damaged").glob("*/checkpoint_manager_snapshot.json"))
+
+
+def test_a_stalled_rank_is_found_at_the_collective_timeout_and_the_run_restarts(uninterrupted, tmp_path):
+    """Rank 1 sleeps through step 15 (test-only hook). Rank 0's collective times out after
+    cluster.collective_timeout_s (30 s); the failure is an infrastructure one, reported with the
+    rank that did not come and where it was; Ray Train restarts the group from the step-10
+    checkpoint, and the run ends as the uninterrupted one did."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "DISTLM_TEST_FAULTS": json.dumps({"stall": {"rank": 1, "step": 15, "seconds": 300}})}
+    result = subprocess.run(
+        distlm_cmd("train", *LONG, f"hydra.run.dir={run_dir}", "cluster.collective_timeout_s=30"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["restarts"] == 1
+    log = (run_dir / "logs" / "failure.log").read_text()
+    assert "infrastructure failure: rank 0" in log, log[-3000:]
+    import re
+
+    found = re.search(
+        r"not in the collective: rank 1 at step 15 \(training, failures.py:\d+ before_step, for (\d+) s\)", log
+    )
+    assert found, log[-3000:]
+    assert 30 <= int(found.group(1)) <= 30 + 20  # detected at the timeout, plus a step and a heartbeat
+    expected, survived = _losses(uninterrupted), _losses(run_dir)
+    for step in range(1, 31):
+        assert survived[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
