@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distlm.checkpoint import CheckpointError, TrainState, read_train_state, verify, write_train_state
+from distlm.checkpoint import CheckpointError, TrainState, read_train_state, verify, write_checksums, write_train_state
 from distlm.config import ClusterConfig, ConfigError, TrainerConfig, ZeroConfig, compose
 from distlm.engine import build_ds_config, lr_lambda
 from distlm.models import build_model, flops_per_token
@@ -85,9 +85,11 @@ def test_checkpoint_verification(tmp_path):
     (tmp_path / "state").mkdir()
     state = TrainState(step=7, sampler={"position": 7}, tracker_run_id="abc")
     write_train_state(str(tmp_path), state, rank=0, world_size=2, zero_stage=2)
-    with pytest.raises(CheckpointError, match="train_state_rank1.pt"):
+    write_checksums(str(tmp_path), 0)
+    with pytest.raises(CheckpointError, match="checksums_rank1.json missing"):  # rank 1 never finished
         verify(str(tmp_path))
     write_train_state(str(tmp_path), state, rank=1, world_size=2, zero_stage=2)
+    write_checksums(str(tmp_path), 1)
     assert verify(str(tmp_path))["step"] == 7
     assert read_train_state(str(tmp_path), rank=1, world_size=2) == state
     with pytest.raises(CheckpointError, match="cluster.num_workers=2"):
