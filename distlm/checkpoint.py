@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -161,7 +162,9 @@ def verify(directory: str, checksums: bool = True) -> Dict[str, Any]:
 
 
 def checkpoint_step(directory: str | Path) -> int:
-    return int(Path(directory).name.split("_")[-1])
+    """The step of a checkpoint directory named step_<n> (object-storage paths too); -1 otherwise."""
+    match = re.search(r"step_(\d+)$", str(directory).rstrip("/"))
+    return int(match.group(1)) if match else -1
 
 
 def registered(checkpoints: Path) -> List[str]:
@@ -195,36 +198,51 @@ def check_all(checkpoints: Path) -> List[Dict[str, Any]]:
     return rows
 
 
+def _problem(directory: Path) -> Optional[str]:
+    try:
+        verify(str(directory))
+        return None
+    except CheckpointError as e:
+        return str(e)
+
+
 def find_resumable(checkpoints: Path, log) -> Optional[str]:
-    """Before resuming: None when Ray Train can resume from its newest checkpoint as it is. When that
-    one (or any it lists) is damaged or missing, the damaged ones and Ray's snapshot are moved to
-    checkpoints/damaged/ and the newest intact checkpoint is returned, for the workers to start
-    from. Raises CheckpointError when no checkpoint is intact (never a silent fresh start)."""
+    """Before resuming: None when Ray Train can resume from its newest checkpoint as it is (only that
+    one is read whole). When it is damaged, or a checkpoint Ray lists is missing, the damaged ones
+    and Ray's snapshot are moved to checkpoints/damaged/ and the newest intact checkpoint is
+    returned, for the workers to start from. Raises CheckpointError when none is intact (never a
+    silent fresh start)."""
     listed = registered(checkpoints)
     if not listed:
         return None
-    rows = check_all(checkpoints)
-    bad = [r for r in rows if r["error"] is not None]
-    newest_listed = max(listed, key=checkpoint_step)
-    if not any(r["registered"] and r["error"] for r in rows) and Path(checkpoints / newest_listed).is_dir():
+    missing = [name for name in listed if not (checkpoints / name).is_dir()]
+    newest_listed = checkpoints / max(listed, key=checkpoint_step)
+    if not missing and _problem(newest_listed) is None:
         return None
-    intact = [r for r in rows if r["error"] is None]
-    if not intact:
-        reasons = "; ".join(r["error"] for r in bad[:3])
+    bad = [f"checkpoint {checkpoints / name} does not exist" for name in missing]
+    to_move, newest = [], None
+    on_disk = sorted((p for p in checkpoints.glob("step_*") if p.is_dir()), key=checkpoint_step, reverse=True)
+    for directory in on_disk:  # newest first, until one is intact
+        problem = _problem(directory)
+        if problem is None:
+            newest = directory
+            break
+        bad.append(problem)
+        to_move.append(directory)
+    if newest is None:
         raise CheckpointError(
-            f"no checkpoint of this run is intact ({reasons}): they are left as they are for inspection "
-            "(`distlm check` lists them); to train from scratch, use a new hydra.run.dir"
+            f"no checkpoint of this run is intact ({'; '.join(bad[:3])}): they are left as they are for "
+            "inspection (`distlm check` lists them); to train from scratch, use a new hydra.run.dir"
         )
-    newest = intact[0]
     damaged = checkpoints / "damaged" / time.strftime("%Y%m%d-%H%M%S")
     damaged.mkdir(parents=True)
-    for r in bad:
-        log(r["error"])
-        if Path(r["path"]).exists():
-            shutil.move(r["path"], damaged / Path(r["path"]).name)
+    for line in bad:
+        log(line)
+    for directory in to_move:
+        shutil.move(str(directory), damaged / directory.name)
     shutil.move(str(checkpoints / SNAPSHOT), damaged / SNAPSHOT)
-    log(f"resuming from {newest['path']}, the newest intact checkpoint (the damaged ones are in {damaged})")
-    return newest["path"]
+    log(f"resuming from {newest}, the newest intact checkpoint (the damaged ones are in {damaged})")
+    return str(newest)
 
 
 def read_train_state(directory: str, rank: int, world_size: int) -> TrainState:

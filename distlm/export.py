@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from safetensors.torch import save_file
 
-from distlm.checkpoint import CheckpointError, verify
+from distlm.checkpoint import SNAPSHOT, CheckpointError, registered, verify
 from distlm.config import ConfigError
 from distlm.heads import HEADS_DIR, ROUTER
 
@@ -294,11 +294,10 @@ def _write_merged(export_dir: Path, adapters: List[str]) -> None:
 def newest_checkpoint(run_dir: str) -> str:
     """The newest checkpoint of a run that Ray Train registered as complete."""
     root = Path(run_dir) / "checkpoints"
-    snapshot = root / "checkpoint_manager_snapshot.json"
     candidates = sorted(root.glob("step_*"), reverse=True)
-    if snapshot.exists():
-        registered = snapshot.read_text()
-        candidates = [c for c in candidates if f'"{c.name}"' in registered]
+    if (root / SNAPSHOT).exists():
+        listed = set(registered(root))
+        candidates = [c for c in candidates if c.name in listed]
     for c in candidates:
         try:
             verify(str(c))

@@ -106,6 +106,11 @@ class MetricsSink:
         out, self.records = self.records, []
         return out
 
+    def poll(self) -> Dict[str, Any]:
+        """The driver's tick: new records and warnings, and whether a rank failed deterministically."""
+        warnings, self.warnings = self.warnings, []
+        return {"records": self.drain(), "warnings": warnings, "failed": self.deterministic_failure() is not None}
+
     def request_stop(self) -> None:
         self.stop = True
 
@@ -141,10 +146,6 @@ class MetricsSink:
 
     def put_warning(self, text: str) -> None:
         self.warnings.append(text)
-
-    def drain_warnings(self) -> List[str]:
-        out, self.warnings = self.warnings, []
-        return out
 
     def put_placement(self, rank: int, info: Dict[str, Any]) -> None:
         self.placement[rank] = info

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import threading
@@ -21,6 +20,8 @@ CHECKPOINTS = "checkpoints"
 def run(cfg: Config, console=None) -> Dict[str, Any]:
     """Train, export and plot. Returns a summary; raises on failure after Ray's retries."""
     from rich.console import Console
+
+    from distlm.checkpoint import checkpoint_step
 
     console = console or Console(stderr=True)
     run_dir = Path(cfg.run_dir).resolve()
@@ -123,7 +124,7 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
             f"the worker group was restarted {restarts} time(s) after infrastructure failures: {run_dir / FAILURE_LOG}"
         )
     checkpoint = result.checkpoint.path
-    step = _checkpoint_step(checkpoint)
+    step = checkpoint_step(checkpoint)
     best = _best_step(metrics_path, cfg)
     if best is not None and best != step and not stop.requested:
         stopped = "stopped early" if step < cfg.trainer.max_steps else "finished"
@@ -144,7 +145,7 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
         **_last_losses(metrics_path),
     }
     if cfg.task.tasks:
-        summary["tasks"] = task_table(str(metrics_path), list(cfg.task.tasks), _checkpoint_step(checkpoint))
+        summary["tasks"] = task_table(str(metrics_path), list(cfg.task.tasks), checkpoint_step(checkpoint))
         (run_dir / "best.json").write_text(json.dumps(best_steps(str(metrics_path), list(cfg.task.tasks)), indent=2))
     if not cfg.trainer.export:
         console.log(f"trainer.export=false: `distlm export {run_dir}` writes the export from that checkpoint")
@@ -391,12 +392,6 @@ def _best_step(metrics_path: Path, cfg: Config) -> Optional[int]:
     return int(steps[-1]) if steps else None
 
 
-def _checkpoint_step(checkpoint: str) -> int:
-    """The step of a checkpoint directory named step_<n> (works for object-storage paths too)."""
-    match = re.search(r"step_(\d+)$", checkpoint.rstrip("/"))
-    return int(match.group(1)) if match else -1
-
-
 def _init_ray(cfg: Config) -> None:
     import ray
 
@@ -458,22 +453,23 @@ class _Progress:
     def _drain(self) -> None:
         import ray
 
-        try:
-            records: List[Dict[str, Any]] = ray.get(self.sink.drain.remote(), timeout=10)
+        try:  # one round trip a tick: new records, warnings, and whether a rank failed deterministically
+            news = ray.get(self.sink.poll.remote(), timeout=10)
         except Exception:  # a slow or restarting cluster: try again on the next tick
             return
-        try:
-            for warning in ray.get(self.sink.drain_warnings.remote(), timeout=10):
-                self.console.log(f"[yellow]warning:[/] {warning}")
-            # A deterministic failure on any rank: end the run now (the others may be waiting in a
-            # collective for the rank that failed); the driver reports it once fit() returns.
-            if not self.aborted and ray.get(self.sink.deterministic_failure.remote(), timeout=10) is not None:
-                self.aborted = True
-                from distlm.failures import abort_run
+        records: List[Dict[str, Any]] = news["records"]
+        for warning in news["warnings"]:
+            self.console.log(f"[yellow]warning:[/] {warning}")
+        # A deterministic failure on any rank: end the run now (the others may be waiting in a
+        # collective for the rank that failed); the driver reports it once fit() returns.
+        if news["failed"] and not self.aborted:
+            self.aborted = True
+            from distlm.failures import abort_run
 
+            try:
                 abort_run(self.sink)
-        except Exception:  # noqa: BLE001 - as above
-            pass
+            except Exception:  # noqa: BLE001 - the run then ends at the collective timeout
+                pass
         if not records:
             return
         with self.path.open("a") as f:
