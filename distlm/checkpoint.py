@@ -207,21 +207,23 @@ def _problem(directory: Path) -> Optional[str]:
 
 
 def find_resumable(checkpoints: Path, log) -> Optional[str]:
-    """Before resuming: None when Ray Train can resume from its newest checkpoint as it is (only that
-    one is read whole). When it is damaged, or a checkpoint Ray lists is missing, the damaged ones
-    and Ray's snapshot are moved to checkpoints/damaged/ and the newest intact checkpoint is
-    returned, for the workers to start from. Raises CheckpointError when none is intact (never a
-    silent fresh start)."""
+    """Before resuming: None when Ray Train can resume from its newest registered checkpoint as it is
+    (only that one is read whole). Otherwise the newest intact checkpoint on disk, for the workers to
+    start from: when Ray's newest is damaged or missing (the damaged ones and Ray's snapshot move to
+    checkpoints/damaged/), or when a newer one, or any at all, was saved but never registered (the
+    run failed right after saving; the snapshot moves to checkpoints/superseded/). Raises
+    CheckpointError when none is intact (never a silent fresh start)."""
     listed = registered(checkpoints)
-    if not listed:
+    on_disk = sorted((p for p in checkpoints.glob("step_*") if p.is_dir()), key=checkpoint_step, reverse=True)
+    if not on_disk and not listed:
         return None
     missing = [name for name in listed if not (checkpoints / name).is_dir()]
-    newest_listed = checkpoints / max(listed, key=checkpoint_step)
-    if not missing and _problem(newest_listed) is None:
+    newest_listed = max(listed, key=checkpoint_step) if listed else None
+    unregistered = newest_listed is None or (on_disk and checkpoint_step(on_disk[0]) > checkpoint_step(newest_listed))
+    if not missing and not unregistered and _problem(checkpoints / newest_listed) is None:
         return None
     bad = [f"checkpoint {checkpoints / name} does not exist" for name in missing]
     to_move, newest = [], None
-    on_disk = sorted((p for p in checkpoints.glob("step_*") if p.is_dir()), key=checkpoint_step, reverse=True)
     for directory in on_disk:  # newest first, until one is intact
         problem = _problem(directory)
         if problem is None:
@@ -234,24 +236,28 @@ def find_resumable(checkpoints: Path, log) -> Optional[str]:
             f"no checkpoint of this run is intact ({'; '.join(bad[:3])}): they are left as they are for "
             "inspection (`distlm check` lists them); to train from scratch, use a new hydra.run.dir"
         )
-    damaged = checkpoints / "damaged" / time.strftime("%Y%m%d-%H%M%S")
-    damaged.mkdir(parents=True)
     for line in bad:
         log(line)
+    aside = checkpoints / ("damaged" if bad else "superseded") / time.strftime("%Y%m%d-%H%M%S")
+    if to_move or listed:
+        aside.mkdir(parents=True)
     for directory in to_move:
-        shutil.move(str(directory), damaged / directory.name)
-    shutil.move(str(checkpoints / SNAPSHOT), damaged / SNAPSHOT)
-    log(f"resuming from {newest}, the newest intact checkpoint (the damaged ones are in {damaged})")
+        shutil.move(str(directory), aside / directory.name)
+    if listed:
+        shutil.move(str(checkpoints / SNAPSHOT), aside / SNAPSHOT)
+    if bad:
+        log(f"resuming from {newest}, the newest intact checkpoint (the damaged ones are in {aside})")
+    else:
+        log(f"resuming from {newest}, the newest checkpoint: the run ended before Ray Train registered it")
     return str(newest)
 
 
-def read_train_state(directory: str, rank: int, world_size: int) -> TrainState:
+def read_train_state(directory: str, rank: int) -> TrainState:
+    """This rank's train state. On a run resumed with more workers than wrote the checkpoint, a new
+    rank takes rank 0's: the data position is global (the same on every rank), and so is the rest
+    but the RNG state, which only dropout reads."""
     manifest = verify(directory, checksums=False)  # sizes: the driver checked the checksums
-    if manifest["world_size"] != world_size:
-        raise CheckpointError(
-            f"checkpoint {directory} was written by {manifest['world_size']} workers, this run has {world_size}: "
-            f"resume with cluster.num_workers={manifest['world_size']}"
-        )
-    blob = torch.load(Path(directory) / f"train_state_rank{rank}.pt", map_location="cpu", weights_only=False)
+    source = rank if rank < manifest["world_size"] else 0
+    blob = torch.load(Path(directory) / f"train_state_rank{source}.pt", map_location="cpu", weights_only=False)
     set_rng_state(blob["rng"])
     return TrainState(**blob["train_state"])

@@ -27,6 +27,7 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 
 CHECKPOINT_TAG = "state"
+UNIVERSAL = "universal"  # <checkpoint>/universal: the checkpoint in DeepSpeed's universal form
 
 
 def build_ds_config(zero: ZeroConfig, trainer: TrainerConfig, runtime: Runtime, world_size: int) -> Dict[str, Any]:
@@ -83,7 +84,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            # A ZeRO-3 partitioned parameter is an empty 1-d tensor: its real shape is ds_shape.
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # DeepSpeed drops empty groups, which would leave the LR scheduler one group out.
     return [g for g in groups if g["params"]]
@@ -246,12 +248,69 @@ class Engine:
         """Every rank writes its own shard files; the directory may be rank-local."""
         self.ds.save_checkpoint(directory, tag=CHECKPOINT_TAG)
 
-    def load(self, directory: str) -> None:
-        path, _ = self.ds.load_checkpoint(
-            directory, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+    def load(self, directory: str, universal: bool = False) -> None:
+        """Weights, optimizer and schedule from a checkpoint this run's number of workers wrote, or
+        (universal=True) from its universal form (`to_universal`) when another number wrote it."""
+        if universal:
+            directory = str(Path(directory) / UNIVERSAL)
+            if not (Path(directory) / CHECKPOINT_TAG).is_dir():
+                raise RuntimeError(f"{directory} is missing: the driver converts a checkpoint before a resume on another number of workers")
+        self.ds._config.load_universal_checkpoint = universal  # read by DeepSpeed only while loading
+        try:
+            path, _ = self.ds.load_checkpoint(
+                directory, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        finally:
+            self.ds._config.load_universal_checkpoint = False
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}/{CHECKPOINT_TAG}")
+        if universal and self.zero_stage == 3:
+            self._restore_groups_stage3(Path(directory) / CHECKPOINT_TAG / "zero" / "optimizer_state.pt")
+
+    def _restore_groups_stage3(self, path: Path) -> None:
+        """DeepSpeed's ZeRO-3 universal load gives every optimizer group the first group's settings
+        (weight decay, learning rate) and step; ZeRO-1/2's gives each its own. Done here as there."""
+        saved = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        groups = self.optimizer.optimizer.param_groups  # the base optimizer, one group per ours
+        for group, loaded in zip(groups, saved["param_groups"]):
+            group.update({k: v for k, v in loaded.items() if k != "params"})
+        flat = self.optimizer.fp32_partitioned_groups_flat  # one per group unless sub_group_size split it
+        if len(flat) == len(saved["state"]):
+            for i, param in enumerate(flat):
+                self.optimizer.optimizer.state[param]["step"] = saved["state"][i]["step"]
+
+
+def to_universal(checkpoint_dir: str, workers: int = 1) -> str:
+    """DeepSpeed's universal checkpoint of a ZeRO-1/2/3 checkpoint, in <checkpoint>/universal: every
+    parameter's weights and optimizer moments whole, so any number of workers can load them. Made
+    once, beside and then renamed: a conversion cut short is never taken for a complete one."""
+    import argparse
+    import shutil
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = Path(checkpoint_dir) / UNIVERSAL
+    if (out / CHECKPOINT_TAG).is_dir():
+        return str(out)
+    partial = Path(checkpoint_dir) / f"{UNIVERSAL}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(Path(checkpoint_dir) / CHECKPOINT_TAG),
+        output_folder=str(partial / CHECKPOINT_TAG),
+        num_extract_workers=workers,
+        num_merge_workers=workers,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # no tensor or pipeline parallelism: nothing for it to describe
+    )
+    said = io.StringIO()  # it prints its progress (and tqdm bars): kept for the error only
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            ds_to_universal(args)
+    except Exception as e:
+        raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {checkpoint_dir}: {e}\n{said.getvalue()[-2000:]}") from e
+    partial.rename(out)
+    return str(out)
 
 
 def iter_fp32_state_dict(checkpoint_dir: str, zero_stage: int) -> Iterator[Tuple[str, torch.Tensor]]:

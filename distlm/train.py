@@ -22,6 +22,7 @@ import torch
 from distlm import adapters
 from distlm.checkpoint import (
     TrainState,
+    read_manifest,
     read_train_state,
     verify,
     write_checksums,
@@ -135,8 +136,10 @@ def _train(config: Dict[str, Any], where: Where) -> None:
     if checkpoint is not None:
         where.at("loading the checkpoint")
         with checkpoint.as_directory() as directory:
-            engine.load(directory)
-            state = read_train_state(directory, rank, world)
+            # Written by another number of workers: its universal form, which the driver made.
+            resharded = read_manifest(directory)["world_size"] != world and engine.zero_stage > 0
+            engine.load(directory, universal=resharded)
+            state = read_train_state(directory, rank)
         batches.load_state_dict(state.sampler)
 
     tracker = make_tracker(cfg.tracking, rank, cfg.run_dir, state.tracker_run_id, _flat_config(cfg), sink)

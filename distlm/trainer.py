@@ -26,8 +26,10 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
     console = console or Console(stderr=True)
     run_dir = Path(cfg.run_dir).resolve()
     storage = cfg.cluster.storage_path or str(run_dir)
-    snapshot = Path(storage) / CHECKPOINTS / "checkpoint_manager_snapshot.json"
-    if cfg.trainer.resume == "never" and snapshot.exists():
+    checkpoints = Path(storage) / CHECKPOINTS
+    # Checkpoints on disk that Ray Train may not have registered (a run ended right after saving one).
+    resuming = any(checkpoints.glob("step_*")) or (checkpoints / "checkpoint_manager_snapshot.json").exists()
+    if cfg.trainer.resume == "never" and resuming:
         raise ConfigError(
             f"{run_dir} already has checkpoints and trainer.resume=never: use trainer.resume=auto to continue it, "
             "or a new hydra.run.dir"
@@ -67,11 +69,12 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
         f"runtime: {cfg.cluster.num_workers} workers on {runtime.device}, {runtime.backend}, {runtime.precision}, ZeRO-{cfg.zero.stage}"
     )
     resume_from = None
-    if snapshot.exists():
+    if resuming:
         from distlm.checkpoint import find_resumable
 
         # A damaged or missing newest checkpoint: resume from the newest intact one, saying so.
-        resume_from = find_resumable(snapshot.parent, lambda line: console.log(f"[yellow]checkpoints:[/] {line}"))
+        resume_from = find_resumable(checkpoints, lambda line: console.log(f"[yellow]checkpoints:[/] {line}"))
+        _convert_for_another_world_size(resume_from or _newest_registered(checkpoints), cfg, console)
     sink = ray.remote(num_cpus=0)(MetricsSink).remote()
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if runtime.device == "cuda":
@@ -101,10 +104,10 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
         ),
     )
     metrics_path = run_dir / "metrics.jsonl"
-    if snapshot.exists():
+    if resuming:
         from distlm.checkpoint import recover_records
 
-        if recovered := recover_records(snapshot.parent, metrics_path):
+        if recovered := recover_records(checkpoints, metrics_path):
             console.log(
                 f"metrics.jsonl: {recovered} records the interrupted run had not written, read back from its checkpoints"
             )
@@ -181,6 +184,52 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
         summary["agent"] = {"metrics": metrics, "tasks": examples, "adapters": adapters}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _newest_registered(checkpoints: Path) -> Optional[str]:
+    """The checkpoint Ray Train resumes from: the newest its snapshot lists."""
+    from distlm.checkpoint import checkpoint_step, registered
+
+    names = registered(checkpoints)
+    return str(checkpoints / max(names, key=checkpoint_step)) if names else None
+
+
+def _convert_for_another_world_size(checkpoint: Optional[str], cfg: Config, console) -> None:
+    """A run resumed on another number of workers than wrote its checkpoint loads DeepSpeed's
+    universal form of it (ZeRO-1/2/3 shards are cut per worker; ZeRO-0's state is whole). It is
+    made here, once, by a Ray task (on the cluster, which holds the storage and the memory)."""
+    import ray
+
+    from distlm.checkpoint import read_manifest
+
+    if checkpoint is None:
+        return
+    manifest = read_manifest(checkpoint)
+    workers, stage = manifest["world_size"], manifest["zero_stage"]
+    if workers == cfg.cluster.num_workers or stage == 0:
+        return
+    if stage != cfg.zero.stage:
+        raise ConfigError(
+            f"{checkpoint} was written with ZeRO-{stage}, this run uses ZeRO-{cfg.zero.stage}: resume with zero=zero{stage}"
+        )
+    if "://" in checkpoint:
+        raise ConfigError(
+            f"{checkpoint} was written by {workers} workers and this run has {cfg.cluster.num_workers}: converting a "
+            f"checkpoint in object storage is not supported; resume with cluster.num_workers={workers}"
+        )
+    console.log(
+        f"checkpoints: {Path(checkpoint).name} was written by {workers} workers, this run has "
+        f"{cfg.cluster.num_workers}: converting it to DeepSpeed's universal checkpoint"
+    )
+    start = time.perf_counter()
+    path = ray.get(ray.remote(num_cpus=1)(_to_universal).remote(checkpoint))
+    console.log(f"checkpoints: {path} ({time.perf_counter() - start:.0f} s)")
+
+
+def _to_universal(checkpoint: str) -> str:
+    from distlm.engine import to_universal
+
+    return to_universal(checkpoint, workers=max(1, min(4, (os.cpu_count() or 2) // 2)))
 
 
 def _checkpoint_config(cfg: Config):

@@ -329,3 +329,27 @@ def test_a_stalled_rank_is_found_at_the_collective_timeout_and_the_run_restarts(
     expected, survived = _losses(uninterrupted), _losses(run_dir)
     for step in range(1, 31):
         assert survived[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+
+
+@pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3"])
+def test_resume_on_another_number_of_workers_continues_the_same_run(zero, tmp_path, ray_session):
+    """Steps 1-4 on 2 workers, 5-8 on 1, 9-12 on 2 again, each run resuming the previous one's last
+    checkpoint (a constant learning rate, so that stopping at step 4 or 8 changes no schedule): the
+    driver converts the checkpoint to DeepSpeed's universal form when the number of workers
+    changed, and the 12 losses are those of one plain PyTorch loop over the same global batches,
+    so the weights and the Adam moments carried over."""
+    run_dir = tmp_path / "run"
+    common = [f"zero={zero}", "trainer.checkpoint_every=4", "trainer.eval_every=100", "trainer.lr=3e-3"]
+    common += ["trainer.keep_checkpoints=3"]
+    common += ["trainer.micro_batch_size=4", "trainer.global_batch_size=8"]
+    common += ["trainer.warmup_steps=0", "trainer.min_lr_ratio=1.0"]
+    for workers, steps in [(2, 4), (1, 8), (2, 12)]:
+        cfg, _, records = train_in_process([*common, f"cluster.num_workers={workers}", f"trainer.max_steps={steps}"], run_dir)
+    losses = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+    assert sorted(losses) == list(range(1, 13))
+    assert [losses[s] for s in range(1, 13)] == pytest.approx(reference_losses(cfg, 12), rel=2e-5, abs=2e-5)
+    checkpoints = run_dir / "checkpoints"
+    # Each resume's checkpoint was converted (2 -> 1 and 1 -> 2); the last one is 2 workers' own.
+    for step, workers in [(4, 2), (8, 1), (12, 2)]:
+        assert json.loads((checkpoints / f"step_{step:08d}" / "manifest.json").read_text())["world_size"] == workers
+        assert (checkpoints / f"step_{step:08d}" / "universal" / "state" / "zero").is_dir() == (step < 12)

@@ -91,11 +91,45 @@ def test_checkpoint_verification(tmp_path):
     write_train_state(str(tmp_path), state, rank=1, world_size=2, zero_stage=2)
     write_checksums(str(tmp_path), 1)
     assert verify(str(tmp_path))["step"] == 7
-    assert read_train_state(str(tmp_path), rank=1, world_size=2) == state
-    with pytest.raises(CheckpointError, match="cluster.num_workers=2"):
-        read_train_state(str(tmp_path), rank=0, world_size=4)
+    assert read_train_state(str(tmp_path), rank=1) == state
+    assert read_train_state(str(tmp_path), rank=3) == state  # a run resumed on 4 workers: rank 0's
     with pytest.raises(CheckpointError, match="manifest"):
         verify(str(tmp_path / "state"))
+
+
+def _fake_checkpoint(checkpoints, step: int):
+    d = checkpoints / f"step_{step:08d}"
+    (d / "state").mkdir(parents=True)
+    (d / "state" / "shard.pt").write_bytes(b"x" * 64)
+    for rank in range(2):
+        write_train_state(str(d), TrainState(step=step), rank=rank, world_size=2, zero_stage=2)
+        write_checksums(str(d), rank)
+    return d
+
+
+def test_a_checkpoint_saved_but_never_registered_is_resumed_from(tmp_path):
+    """A run that fails right after saving a checkpoint may end before Ray Train registers it: the
+    next run starts from it (with no snapshot at all, or one listing only older checkpoints), never
+    from scratch or from an older one; a damaged newest one is passed over."""
+    import json
+
+    from distlm.checkpoint import SNAPSHOT, find_resumable
+
+    checkpoints, said = tmp_path / "checkpoints", []
+    assert find_resumable(checkpoints, said.append) is None  # nothing saved: a fresh start
+    _fake_checkpoint(checkpoints, 4)
+    assert find_resumable(checkpoints, said.append) == str(checkpoints / "step_00000004")
+    assert "before Ray Train registered it" in said[-1]
+    (checkpoints / SNAPSHOT).write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "step_00000004"}]}))
+    assert find_resumable(checkpoints, said.append) is None  # Ray Train's own newest: it resumes by itself
+    _fake_checkpoint(checkpoints, 8)
+    assert find_resumable(checkpoints, said.append) == str(checkpoints / "step_00000008")
+    assert list(checkpoints.glob(f"superseded/*/{SNAPSHOT}"))  # Ray's snapshot set aside, so it does not win
+    (checkpoints / SNAPSHOT).write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "step_00000004"}]}))
+    with (checkpoints / "step_00000008" / "state" / "shard.pt").open("r+b") as f:
+        f.truncate(10)
+    assert find_resumable(checkpoints, said.append) == str(checkpoints / "step_00000004")
+    assert "shard.pt has 10 bytes" in " ".join(said) and list(checkpoints.glob("damaged/*/step_00000008"))
 
 
 def test_records_lost_by_a_killed_driver_come_back_from_the_checkpoints(tmp_path):

@@ -95,13 +95,18 @@ def _rank(rank: int, world: int, port: int, stage: int, source: str, out: str) -
     # This rank's share now: ZeRO-3 keeps a parameter's partition in ds_tensor.
     held = sum(getattr(p, "ds_tensor", p).numel() * p.element_size() for p in model.parameters())
     full = sum(numel(p) * 4 for p in model.parameters())
+    # Weight decay on the matrices, as unsharded (a partitioned parameter is an empty 1-d tensor).
+    from distlm.engine import param_groups
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for g in param_groups(model, 0.1) if g["weight_decay"] > 0 for p in g["params"])
     weights = {}
     for name, param in model.named_parameters():
         with engine.gather([param]):
             weights[name] = param.detach().clone()
     if rank == 0:
         torch.save(weights, Path(out) / "weights.pt")
-    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"peak": peak, "held": held, "full": full}))
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"peak": peak, "held": held, "full": full, "decayed": decayed}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -155,9 +160,10 @@ def test_zero3_never_holds_the_whole_model_on_one_rank(kind, pretrained, tmp_pat
         # Each rank keeps its half, and never held much more while building or loading.
         assert rank["held"] == pytest.approx(rank["full"] / 2, rel=0.02), rank
         assert rank["peak"] < 0.6 * rank["full"], f"rank {r} allocated {rank['peak'] / rank['full']:.0%} of the model"
-    # The same weights as a plain single-process build or load.
+    # The same weights as a plain single-process build or load, and the same weight-decay groups.
     expected = reference(source)
     assert set(weights) == set(expected)
+    assert sharded[0]["decayed"] == sorted(n for n, p in expected.items() if p.dim() >= 2)
     for name, tensor in weights.items():
         assert torch.equal(tensor, expected[name]), name
 
