@@ -47,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     try:
-        summary = trainer.run(cfg, console)
+        summary = trainer.run(cfg, console, verbose=args.verbose)
     except ConfigError as e:  # problems found on the driver after composition (data files, ...)
         return _fail(str(e), EXIT_CONFIG)
     except trainer.Preempted as e:
@@ -385,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
         "distlm train hydra.run.dir=runs/mine (continues it if it has checkpoints)",
     )
     train.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+    train.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show what Ray, DeepSpeed and the workers print (always in <run>/logs/rank<r>.log)",
+    )
     train.add_argument("overrides", nargs="*", help="Hydra overrides")
     train.set_defaults(func=cmd_train)
     prepare = sub.add_parser(

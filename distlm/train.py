@@ -46,6 +46,8 @@ def train_worker(config: Dict[str, Any]) -> None:
     distlm.failures: a deterministic one ends the run everywhere, an infrastructure one restarts)."""
     where = Where()
     rank = ray.train.get_context().get_world_rank()
+    if config.get("log_dir"):
+        _output_to_file(Path(config["log_dir"]) / f"rank{rank}.log", rank)
     heartbeat = Heartbeat(config.get("sink"), rank, where)
     try:
         _train(config, where)
@@ -398,6 +400,22 @@ class _Window:
     def add(self, loss: torch.Tensor, tokens: int) -> None:
         self.loss_sum += loss.float()
         self.tokens += tokens
+
+
+def _output_to_file(path: Path, rank: int) -> None:
+    """This worker process's stdout and stderr (DeepSpeed, torch, Ray Train, warnings; C++ too: the
+    file descriptors themselves) go to <run>/logs/rank<r>.log, one block per start of the group."""
+    import os
+    import socket
+    import sys
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with path.open("a") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} worker started: rank {rank}, {socket.gethostname()}, pid {os.getpid()}", flush=True)
 
 
 def _flat_config(cfg: Config) -> Dict[str, Any]:

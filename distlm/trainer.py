@@ -17,8 +17,11 @@ from distlm.failures import FAILURE_LOG
 CHECKPOINTS = "checkpoints"
 
 
-def run(cfg: Config, console=None) -> Dict[str, Any]:
-    """Train, export and plot. Returns a summary; raises on failure after Ray's retries."""
+def run(cfg: Config, console=None, verbose: bool = False) -> Dict[str, Any]:
+    """Train, export and plot. Returns a summary; raises on failure after Ray's retries.
+
+    The console shows distlm's own lines; what Ray, DeepSpeed, torch and the workers print goes
+    to <run>/logs/rank<r>.log (verbose=True: to the console as well, as Ray streams it)."""
     from rich.console import Console
 
     from distlm.checkpoint import checkpoint_step
@@ -46,7 +49,7 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
     joined = bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
     if not joined:
         plan = _preflight(cfg, resolve_runtime(cfg.cluster), joined, console)
-    data, source_tokenizer = _prepare_inputs(cfg, console)
+    data, source_tokenizer = _prepare_inputs(cfg, console, verbose)
     tokenizer_dir = run_dir / "tokenizer"
     if not tokenizer_dir.exists():
         shutil.copytree(
@@ -61,7 +64,7 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
     from distlm.tracking import MetricsSink
     from distlm.train import train_worker
 
-    _init_ray(cfg)
+    _init_ray(cfg, verbose)
     runtime = resolve_runtime(cfg.cluster, cuda_available=_cluster_has_gpus())
     if joined:
         plan = _preflight(cfg, runtime, joined, console)
@@ -87,6 +90,8 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
             "tokenizer_dir": str(tokenizer_dir),
             "sink": sink,
             "resume_from": resume_from,
+            # Workers' output to files: local or shared storage only (the run dir is there too).
+            "log_dir": None if verbose or "://" in storage else str(run_dir / "logs"),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.num_workers,
@@ -157,6 +162,10 @@ def run(cfg: Config, console=None) -> Dict[str, Any]:
 
     from distlm.export import export_checkpoint
 
+    if not verbose:  # transformers' loading bars: the export line below says what happened
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         info = export_checkpoint(
             checkpoint, str(run_dir / "export"), str(tokenizer_dir), merged=cfg.adapter.export_merged
@@ -246,7 +255,7 @@ def _checkpoint_config(cfg: Config):
     )
 
 
-def _prepare_inputs(cfg: Config, console):
+def _prepare_inputs(cfg: Config, console, verbose: bool = False):
     """(PreparedData or None, tokenizer dir). Pretraining tokenizes the corpus (cached);
     fine-tuning takes the pretrained model's tokenizer and generates/reads tasks in the workers."""
     from distlm.models import build_config
@@ -275,7 +284,7 @@ def _prepare_inputs(cfg: Config, console):
         cfg.data.tokenizer = source
         console.log(f"tokenizer: {source}'s own (data.tokenizer=<dir> picks another)")
     # Ray is started (or joined) here only if the data is large enough for Ray Data (data.engine).
-    data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True, ray_init=lambda: _init_ray(cfg))
+    data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True, ray_init=lambda: _init_ray(cfg, verbose))
     console.log(f"data: {data.num_train_tokens:,} train / {data.num_val_tokens:,} val tokens, vocab {data.vocab_size}")
     # Fail here, not in every worker, if transformers cannot build the model.
     if cfg.model.pretrained is None and cfg.init_from is None:
@@ -441,7 +450,11 @@ def _best_step(metrics_path: Path, cfg: Config) -> Optional[int]:
     return int(steps[-1]) if steps else None
 
 
-def _init_ray(cfg: Config) -> None:
+def _init_ray(cfg: Config, verbose: bool = False) -> None:
+    """Join cluster.address (or RAY_ADDRESS), else start a local Ray. Unless verbose, Ray's own
+    start-up lines and the actors' output (Ray Train's controller, the workers) stay off the console."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
@@ -451,11 +464,12 @@ def _init_ray(cfg: Config) -> None:
     env = {"RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}
     for key, value in env.items():
         os.environ.setdefault(key, value)
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
         return
     needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
-    ray.init(num_cpus=max(needed, os.cpu_count() or 1), log_to_driver=True)
+    ray.init(num_cpus=max(needed, os.cpu_count() or 1), **quiet)
 
 
 def _cluster_has_gpus() -> bool:

@@ -140,7 +140,22 @@ def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
     result = run_cli("train", *LONG, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir.parent / "console.txt").write_text(result.stdout + result.stderr)
     return run_dir
+
+
+def test_the_console_shows_distlms_own_lines_and_the_rest_goes_to_the_run_logs(uninterrupted):
+    """By default nothing that Ray, DeepSpeed, torch or the workers print reaches the console (and
+    nothing reads like an error); each rank's output is in <run>/logs/rank<r>.log."""
+    import re
+
+    console = (uninterrupted.parent / "console.txt").read_text()
+    noise = [line for line in console.splitlines() if re.search(r"(?i)warn|error|raytrainworker|traincontroller|ray instance", line)]
+    assert not noise, noise[:5]
+    assert "final checkpoint:" in console and "distlm run" in console
+    for rank in (0, 1):
+        log = (uninterrupted / "logs" / f"rank{rank}.log").read_text()
+        assert log.count(f"worker started: rank {rank},") == 1 and "DeepSpeed" in log, log[-2000:]
 
 
 def _wait_for(predicate, timeout: float, what: str, proc=None):
