@@ -328,7 +328,8 @@ def iter_fp32_state_dict(checkpoint_dir: str, zero_stage: int) -> Iterator[Tuple
         return
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress to stdout
+    said = io.StringIO()  # its progress (prints and tqdm bars)
+    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
         lazy = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG, lazy_mode=True)
     for name in list(lazy):
         yield name, _fp32(lazy.pop(name).contiguous())

@@ -162,10 +162,6 @@ def run(cfg: Config, console=None, verbose: bool = False) -> Dict[str, Any]:
 
     from distlm.export import export_checkpoint
 
-    if not verbose:  # transformers' loading bars: the export line below says what happened
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     try:
         info = export_checkpoint(
             checkpoint, str(run_dir / "export"), str(tokenizer_dir), merged=cfg.adapter.export_merged
