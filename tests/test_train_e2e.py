@@ -150,7 +150,11 @@ def test_the_console_shows_distlms_own_lines_and_the_rest_goes_to_the_run_logs(u
     import re
 
     console = (uninterrupted.parent / "console.txt").read_text()
-    noise = [line for line in console.splitlines() if re.search(r"(?i)warn|error|raytrainworker|traincontroller|ray instance", line)]
+    noise = [
+        line
+        for line in console.splitlines()
+        if re.search(r"(?i)warn|error|raytrainworker|traincontroller|ray instance", line)
+    ]
     assert not noise, noise[:5]
     assert "final checkpoint:" in console and "distlm run" in console
     for rank in (0, 1):
@@ -359,7 +363,9 @@ def test_resume_on_another_number_of_workers_continues_the_same_run(zero, tmp_pa
     common += ["trainer.micro_batch_size=4", "trainer.global_batch_size=8"]
     common += ["trainer.warmup_steps=0", "trainer.min_lr_ratio=1.0"]
     for workers, steps in [(2, 4), (1, 8), (2, 12)]:
-        cfg, _, records = train_in_process([*common, f"cluster.num_workers={workers}", f"trainer.max_steps={steps}"], run_dir)
+        cfg, _, records = train_in_process(
+            [*common, f"cluster.num_workers={workers}", f"trainer.max_steps={steps}"], run_dir
+        )
     losses = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
     assert sorted(losses) == list(range(1, 13))
     assert [losses[s] for s in range(1, 13)] == pytest.approx(reference_losses(cfg, 12), rel=2e-5, abs=2e-5)

@@ -106,7 +106,9 @@ def _rank(rank: int, world: int, port: int, stage: int, source: str, out: str) -
             weights[name] = param.detach().clone()
     if rank == 0:
         torch.save(weights, Path(out) / "weights.pt")
-    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"peak": peak, "held": held, "full": full, "decayed": decayed}))
+    (Path(out) / f"rank{rank}.json").write_text(
+        json.dumps({"peak": peak, "held": held, "full": full, "decayed": decayed})
+    )
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
