@@ -66,11 +66,20 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def write_train_state(directory: str, state: TrainState, rank: int, world_size: int, zero_stage: int) -> None:
+def write_train_state(
+    directory: str,
+    state: TrainState,
+    rank: int,
+    world_size: int,
+    zero_stage: int,
+    global_batch_size: Optional[int] = None,
+) -> None:
     d = Path(directory)
     torch.save({"train_state": asdict(state), "rng": rng_state()}, d / f"train_state_rank{rank}.pt")
     if rank == 0:
         manifest = {"format": FORMAT_VERSION, "step": state.step, "world_size": world_size, "zero_stage": zero_stage}
+        if global_batch_size is not None:  # a resume must keep it: the data order is in global batches
+            manifest["global_batch_size"] = global_batch_size
         (d / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 

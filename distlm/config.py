@@ -218,7 +218,10 @@ class LossSpikeConfig:
 class TrainerConfig:
     max_steps: int = 100
     micro_batch_size: int = 8
-    global_batch_size: int = 16
+    # auto: workers x micro batch (one micro step per optimizer step), so any number of workers
+    # composes. A number keeps the same global batches on any number of workers (gradient
+    # accumulation makes up the rest), and a resume on another number of workers needs one.
+    global_batch_size: Any = "auto"
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
@@ -479,6 +482,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"cluster.num_workers={c.num_workers} must be at least 1")
     if c.cpus_per_worker < 1:
         raise ConfigError(f"cluster.cpus_per_worker={c.cpus_per_worker} must be at least 1")
+    if tr.global_batch_size == "auto":
+        tr.global_batch_size = c.num_workers * tr.micro_batch_size
+    elif isinstance(tr.global_batch_size, bool) or not isinstance(tr.global_batch_size, int):
+        raise ConfigError(
+            f"trainer.global_batch_size={tr.global_batch_size!r} must be a positive integer or auto "
+            "(auto: cluster.num_workers x trainer.micro_batch_size)"
+        )
     for key, value in [
         ("trainer.max_steps", tr.max_steps),
         ("trainer.micro_batch_size", tr.micro_batch_size),

@@ -285,7 +285,7 @@ def save_checkpoint(
     directory = tempfile.mkdtemp(prefix=f"distlm-step{state.step}-rank{rank}-")
     try:
         engine.save(directory)
-        write_train_state(directory, state, rank, world, engine.zero_stage)
+        write_train_state(directory, state, rank, world, engine.zero_stage, cfg.trainer.global_batch_size)
         if rank == 0:
             # What `distlm export` needs to rebuild the model (and its adapters and heads) offline.
             lm = getattr(engine.module, "lm", engine.module)

@@ -77,7 +77,7 @@ def run(cfg: Config, console=None, verbose: bool = False) -> Dict[str, Any]:
 
         # A damaged or missing newest checkpoint: resume from the newest intact one, saying so.
         resume_from = find_resumable(checkpoints, lambda line: console.log(f"[yellow]checkpoints:[/] {line}"))
-        _convert_for_another_world_size(resume_from or _newest_registered(checkpoints), cfg, console)
+        _check_resume(resume_from or _newest_registered(checkpoints), cfg, console)
     sink = ray.remote(num_cpus=0)(MetricsSink).remote()
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if runtime.device == "cuda":
@@ -199,8 +199,9 @@ def _newest_registered(checkpoints: Path) -> Optional[str]:
     return str(checkpoints / max(names, key=checkpoint_step)) if names else None
 
 
-def _convert_for_another_world_size(checkpoint: Optional[str], cfg: Config, console) -> None:
-    """A run resumed on another number of workers than wrote its checkpoint loads DeepSpeed's
+def _check_resume(checkpoint: Optional[str], cfg: Config, console) -> None:
+    """The checkpoint a resume starts from must have this run's global batch size. A run resumed on
+    another number of workers than wrote it loads DeepSpeed's
     universal form of it (ZeRO-1/2/3 shards are cut per worker; ZeRO-0's state is whole). It is
     made here, once, by a Ray task (on the cluster, which holds the storage and the memory)."""
     import ray
@@ -210,6 +211,12 @@ def _convert_for_another_world_size(checkpoint: Optional[str], cfg: Config, cons
     if checkpoint is None:
         return
     manifest = read_manifest(checkpoint)
+    batch = manifest.get("global_batch_size")
+    if batch is not None and batch != cfg.trainer.global_batch_size:
+        raise ConfigError(
+            f"{checkpoint} was trained with global batches of {batch} and this run's are {cfg.trainer.global_batch_size} "
+            f"(trainer.global_batch_size; auto is workers x micro batch): resume with trainer.global_batch_size={batch}"
+        )
     workers, stage = manifest["world_size"], manifest["zero_stage"]
     if workers == cfg.cluster.num_workers or stage == 0:
         return

@@ -54,6 +54,17 @@ def test_overrides_reach_typed_config(tmp_path):
     assert isinstance(cfg.trainer.max_steps, int)
 
 
+def test_the_global_batch_is_auto_unless_given():
+    """auto: workers x micro batch, so any number of workers composes (the issue's 32 workers); a
+    number is kept as it is on any number of workers."""
+    cfg, _ = compose(["cluster=slurm", "cluster.nodes=4", "cluster.gpus_per_node=8"])
+    assert cfg.trainer.global_batch_size == cfg.cluster.num_workers * cfg.trainer.micro_batch_size == 32 * 8
+    cfg, _ = compose(["cluster.num_workers=1", "trainer.micro_batch_size=4"])
+    assert cfg.trainer.global_batch_size == 4
+    cfg, _ = compose(["cluster.num_workers=1", "trainer.micro_batch_size=4", "trainer.global_batch_size=16"])
+    assert cfg.trainer.global_batch_size == 16
+
+
 def test_paths_become_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg, _ = compose(["hydra.run.dir=relative/run", "data.cache_dir=cache"])
@@ -68,6 +79,7 @@ BAD = [
     (["zero.stage=4"], "zero.stage"),
     (["trainer.global_batch_size=10"], "trainer.global_batch_size"),
     (["cluster.num_workers=3", "trainer.global_batch_size=8"], "trainer.global_batch_size"),
+    (["trainer.global_batch_size=big"], "trainer.global_batch_size"),
     (["data=jsonl", "data.paths=[/no/such/file.jsonl]"], "data.paths"),
     (["data=text"], "data.paths"),
     (["model=no_such_model"], "model"),

@@ -368,6 +368,12 @@ def test_resume_on_another_number_of_workers_continues_the_same_run(zero, tmp_pa
         )
     losses = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
     assert sorted(losses) == list(range(1, 13))
+    # Global batches of another size would change the data order: refused before any worker starts.
+    from distlm.config import ConfigError
+
+    auto = [o for o in common if not o.startswith("trainer.global_batch_size")]  # auto: 1 x 4
+    with pytest.raises(ConfigError, match="resume with trainer.global_batch_size=8"):
+        train_in_process([*auto, "cluster.num_workers=1", "trainer.max_steps=16"], run_dir)
     assert [losses[s] for s in range(1, 13)] == pytest.approx(reference_losses(cfg, 12), rel=2e-5, abs=2e-5)
     checkpoints = run_dir / "checkpoints"
     # Each resume's checkpoint was converted (2 -> 1 and 1 -> 2); the last one is 2 workers' own.
