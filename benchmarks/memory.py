@@ -70,7 +70,6 @@ def run(model: str, preset: str, root: Path, timeout: int) -> dict:
         "states": max(r["states"] for r in ranks),
         "peak": max(r["peak"] for r in ranks),
         "start": max(r["start_rss"] for r in ranks),
-        "estimate": memory["estimate"],
         "wall": wall,
     }
 
@@ -114,8 +113,11 @@ def main() -> int:
                 print(f"{model} {preset}: estimate {plan['estimate'] / GB:.2f} GB per worker ...", flush=True)
                 row = {"model": model, "preset": preset, **plan, **run(model, preset, Path(tmp), args.timeout)}
                 rows.append(row)
-                if row["status"] != "ok":
-                    print(f"  {row['status']}: {row['message'][-400:]}", flush=True)
+                if args.out:  # as it goes: a later failure loses no measurement
+                    Path(args.out).write_text(json.dumps(rows, indent=2, default=float))
+                if row["status"] != "ok":  # a refusal is one line; a failure's tail
+                    said = row["message"] if row["status"] == "refused" else row["message"][-400:]
+                    print(f"  {row['status']}: {said}", flush=True)
     load = os.getloadavg()[0]
     print(f"\nper-rank memory, 2 CPU workers, fp32, micro batch 1, seq 64 (load average {load:.1f})\n")
     header = (

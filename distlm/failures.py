@@ -195,8 +195,15 @@ def handle_worker_error(error: BaseException, sink, rank: int, where: Where) -> 
         raise error
     if ray.get(sink.deterministic_failure.remote(), timeout=60) is not None:
         return  # collateral: another rank failed deterministically, the run is being aborted
+    import torch.distributed as dist
+
     kind = classify(error)
     record = failure_record(error, kind, rank, where)
+    if kind == DETERMINISTIC and not dist.is_initialized():
+        # Ray Train set the process group up before the loop began; gone now, it was torn down
+        # around this rank because another rank died (e.g. killed by Ray for memory).
+        kind = record["kind"] = INFRASTRUCTURE
+        record["cause"] += " (the process group was torn down: another rank or its node died first)"
     if kind == INFRASTRUCTURE:  # e.g. a collective timed out: which rank did not come, and where it was
         record["cause"] += stalled_ranks(ray.get(sink.heartbeats.remote(), timeout=60), rank)
     ray.get(sink.put_failure.remote(record), timeout=60)

@@ -393,6 +393,15 @@ def _raise_on_failure(sink, run_dir: Path, error, placement: List[Dict[str, Any]
                 "cause": one_line(error),
                 "time": time.time(),
             }
+    if error is not None and "running low on memory" in str(error):  # Ray's memory monitor, not a bug
+        import re
+
+        used = re.search(r"was ([\d.]+GB used / [\d.]+GB limit)", str(error))
+        record = record | {
+            "cause": f"Ray killed workers: the node ran low on memory ({used.group(1) if used else 'see the log'}; "
+            f"Ray kills at 95%); then {record['cause']}. Fit it with fewer workers per node, a smaller "
+            "trainer.micro_batch_size or data.seq_len, or another zero= preset (distlm plan)"
+        }
     summary = {k: v for k, v in record.items() if k != "traceback"} | {"restarts": restarts}
     (run_dir / "logs" / "failure.json").write_text(json.dumps(summary, indent=2))
     raise RunFailed(failure_message(record, run_dir, restarts)) from error
