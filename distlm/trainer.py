@@ -201,9 +201,9 @@ def _newest_registered(checkpoints: Path) -> Optional[str]:
 
 def _check_resume(checkpoint: Optional[str], cfg: Config, console) -> None:
     """The checkpoint a resume starts from must have this run's global batch size. A run resumed on
-    another number of workers than wrote it loads DeepSpeed's
-    universal form of it (ZeRO-1/2/3 shards are cut per worker; ZeRO-0's state is whole). It is
-    made here, once, by a Ray task (on the cluster, which holds the storage and the memory)."""
+    another number of workers than wrote it loads DeepSpeed's universal form of it (ZeRO-1/2/3
+    shards are cut per worker; ZeRO-0's state is whole), made here once by a Ray task (on the
+    cluster, which holds the storage and the memory)."""
     import ray
 
     from distlm.checkpoint import read_manifest
