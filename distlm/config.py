@@ -78,6 +78,13 @@ class ZeroConfig:
     offload_params: bool = False
     overlap_comm: bool = False
     reduce_bucket_size: int = 50_000_000
+    # ZeRO-3 runs the optimizer step over sub-groups of this many values: its copies of the
+    # gradients and Adam's temporaries are one sub-group's size, not the whole partition's.
+    sub_group_size: int = 50_000_000
+    # ZeRO-3 keeps at most about this many gathered (whole) parameter values beyond the layer it
+    # runs: prefetched, or kept for reuse. DeepSpeed's default (1e9) can keep a whole 1B model
+    # gathered on every rank.
+    live_parameters: int = 30_000_000
     # Passed through into ds_config["zero_optimization"] for settings not named above.
     extra: Dict[str, Any] = field(default_factory=dict)
 

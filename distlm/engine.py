@@ -42,7 +42,14 @@ def build_ds_config(zero: ZeroConfig, trainer: TrainerConfig, runtime: Runtime, 
         )
     if zero.stage == 3:
         # Keep small parameters resident; gather the rest layer by layer.
-        zero_opt.update(stage3_param_persistence_threshold=10_000, stage3_gather_16bit_weights_on_model_save=False)
+        zero_opt.update(
+            stage3_param_persistence_threshold=10_000,
+            stage3_gather_16bit_weights_on_model_save=False,
+            sub_group_size=zero.sub_group_size,
+            stage3_max_live_parameters=zero.live_parameters,
+            stage3_max_reuse_distance=zero.live_parameters,
+            stage3_prefetch_bucket_size=zero.live_parameters,
+        )
     if zero.offload_optimizer:
         zero_opt["offload_optimizer"] = {"device": "cpu", "pin_memory": runtime.device == "cuda"}
     if zero.offload_params:
@@ -188,6 +195,8 @@ class Engine:
         # check is one all-reduced flag, so every rank skips the same steps.
         if hasattr(self.ds.optimizer, "check_grad_overflow"):
             self.ds.optimizer.check_grad_overflow = True
+        if zero.stage == 3 and not zero.offload_optimizer:
+            _share_master_weights(self.ds.optimizer)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -280,6 +289,23 @@ class Engine:
         if len(flat) == len(saved["state"]):
             for i, param in enumerate(flat):
                 self.optimizer.optimizer.state[param]["step"] = saved["state"][i]["step"]
+
+
+def _share_master_weights(optimizer: Any) -> None:
+    """Let ZeRO-3's fp32 master partition be the parameter partition itself when that is fp32 on
+    the same device already. DeepSpeed means to (stage3.py, `_create_fp32_partitions`), but it
+    compares a torch.device with a str, which is never equal, so it keeps a clone: 4 bytes per
+    parameter per rank for nothing. Its step then copies the master partition onto itself."""
+    lows, highs = optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat
+    for low, high in zip(lows, highs):
+        if (
+            low is not None
+            and low.dtype == high.dtype
+            and low.device == high.device
+            and low.numel() == high.numel()
+            and low.data_ptr() != high.data_ptr()
+        ):
+            high.data = low.data
 
 
 def build_ops() -> List[str]:

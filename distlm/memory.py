@@ -9,11 +9,15 @@ parameters of which Ψt train, N ranks and w bytes per training value (4 fp32, 2
     optimizer    (4 + 8)·Ψt    fp32 master weights plus Adam's two moments (/N at stages 1-3)
 
 Training in fp32, the weights are their own master copy, except that DeepSpeed's stages 1 and
-2 still clone the partition each rank updates (its optimizer works on a flat fp32 copy): the
-optimizer term is 8·Ψt at stage 0 and 3, 12·Ψt/N at stages 1 and 2. Activations follow Korthikanti et al. (2022): per layer
-s·b·h·(34 + 5·a·s/h) bytes in 16-bit (twice that in fp32), or only the layer inputs with
-activation checkpointing, plus the fp32 logits and their gradient for the loss. Each worker
-process also carries a fixed baseline (the libraries, DeepSpeed's buffers).
+2 still clone the partition each rank updates (its optimizer works on a flat fp32 copy), and
+so does offloading (the master copy lives in host memory): the optimizer term is 8·Ψt at
+stage 0 and 3, 12·Ψt/N at stages 1 and 2 or offloaded. ZeRO-Offload also keeps the fp32
+gradient partition in host memory (4·Ψt/N more there). DeepSpeed's buffers: at stages 2 and 3
+the gradient reduction bucket (zero.reduce_bucket_size values); at stage 3 the optimizer step's
+fp32 copy of a sub-group's gradients and Adam's temporary of the same size (zero.sub_group_size). Activations follow Korthikanti
+et al. (2022): per layer s·b·h·(34 + 5·a·s/h) bytes in 16-bit (twice that in fp32), or only
+the layer inputs with activation checkpointing, plus the fp32 logits and their gradient for
+the loss. Each worker process also carries a fixed baseline (the libraries).
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ class Setting:
     offload_optimizer: bool = False
     offload_params: bool = False
     activation_checkpointing: bool = False
+    reduce_bucket: int = 50_000_000  # values in DeepSpeed's gradient reduction bucket
+    sub_group: int = 50_000_000  # values in one of ZeRO-3's optimizer sub-groups
+    live: int = 30_000_000  # gathered values ZeRO-3 keeps (prefetched or for reuse)
 
     def describe(self) -> str:
         name = f"zero=zero{self.stage}"
@@ -74,6 +81,7 @@ class Estimate:
     grads: float
     optimizer: float
     activations: float
+    buffers: float  # DeepSpeed's gradient reduction bucket, ZeRO-3's optimizer sub-group copies
     baseline: float
     offloaded: float  # model states moved to host memory by offloading
 
@@ -83,7 +91,7 @@ class Estimate:
 
     def total_on(self, device: str) -> float:
         """What one worker needs of the memory that bounds it: GPU memory, or RAM on a CPU run."""
-        device_total = self.model_states + self.activations + self.baseline
+        device_total = self.model_states + self.activations + self.buffers + self.baseline
         return device_total + (self.offloaded if device == "cpu" else 0.0)
 
 
@@ -93,14 +101,14 @@ def model_states(shape: ModelShape, s: Setting) -> Dict[str, float]:
     psi, psi_t, n = shape.params, shape.trainable, s.world
     params = w * psi / (n if s.stage == 3 else 1)
     grads = w * psi_t / (n if s.stage >= 2 else 1)
-    master = 0 if s.precision == "fp32" and s.stage in (0, 3) else 4
+    master = 0 if s.precision == "fp32" and s.stage in (0, 3) and not s.offload_optimizer else 4
     optimizer = (master + 8) * psi_t / (n if s.stage >= 1 else 1)
     return {"params": params, "grads": grads, "optimizer": optimizer}
 
 
 def activations(shape: ModelShape, s: Setting) -> float:
     """Activation memory of one micro batch (bytes), Korthikanti et al. (2022) per layer, plus the
-    fp32 logits and their gradient; ZeRO-3 also gathers the largest parameter whole."""
+    fp32 logits and their gradient; ZeRO-3 also holds the parameters it gathered (zero.live_parameters; at least the largest whole, twice)."""
     w = 4 if s.precision == "fp32" else 2
     b, t, h, a = s.micro_batch, s.seq_len, shape.hidden, shape.heads
     per_layer = t * b * h * (34 + 5 * a * t / h) * w / 2
@@ -109,7 +117,9 @@ def activations(shape: ModelShape, s: Setting) -> float:
     else:
         layers = shape.layers * per_layer
     logits = 2 * 4 * b * t * shape.vocab
-    gathered = w * shape.largest_param * 2 if s.stage == 3 else 0.0  # one module whole, prefetch of the next
+    gathered = 0.0
+    if s.stage == 3:  # the running module whole, with what is prefetched or kept for reuse
+        gathered = w * min(max(2 * s.live, 2 * shape.largest_param), shape.params)
     return layers + logits + gathered
 
 
@@ -117,7 +127,7 @@ def estimate(shape: ModelShape, s: Setting, device: str = "cpu") -> Estimate:
     states = model_states(shape, s)
     offloaded = 0.0
     if s.offload_optimizer:
-        offloaded += states["optimizer"] + (states["grads"] if s.stage >= 2 else 0.0)
+        offloaded += states["optimizer"] + (states["grads"] + 4 * shape.trainable / s.world if s.stage >= 2 else 0.0)
         states["optimizer"] = 0.0
         if s.stage >= 2:
             states["grads"] = 0.0
@@ -125,7 +135,13 @@ def estimate(shape: ModelShape, s: Setting, device: str = "cpu") -> Estimate:
         offloaded += states["params"]
         states["params"] = 0.0
     baseline = GPU_BASELINE if device == "cuda" else CPU_BASELINE
-    return Estimate(**states, activations=activations(shape, s), baseline=baseline, offloaded=offloaded)
+    w = 4 if s.precision == "fp32" else 2
+    buffers = w * s.reduce_bucket if s.stage >= 2 else 0.0
+    if s.stage == 3 and not s.offload_optimizer:
+        buffers += 2 * 4 * min(s.sub_group, shape.trainable / s.world)
+    return Estimate(
+        **states, activations=activations(shape, s), buffers=buffers, baseline=baseline, offloaded=offloaded
+    )
 
 
 def alternatives(shape: ModelShape, s: Setting, device: str, budget: float) -> List[tuple[Setting, Estimate]]:
@@ -313,6 +329,9 @@ def setting_of(cfg, precision: str) -> Setting:
         offload_optimizer=z.offload_optimizer,
         offload_params=z.offload_params,
         activation_checkpointing=cfg.model.activation_checkpointing,
+        reduce_bucket=z.reduce_bucket_size,
+        sub_group=z.sub_group_size,
+        live=z.live_parameters,
     )
 
 
@@ -338,7 +357,7 @@ class Plan:
         )
         return (
             f"memory: ~{gb(e.total_on(self.device))} per worker{budget}: model states {gb(e.model_states)}, "
-            f"activations {gb(e.activations)}, baseline {gb(e.baseline)}"
+            f"activations {gb(e.activations)}, buffers {gb(e.buffers)}, baseline {gb(e.baseline)}"
             + (f", offloaded {gb(e.offloaded)}" if e.offloaded else "")
         )
 
@@ -360,6 +379,7 @@ class Plan:
                     "grads": gb(e.grads),
                     "optimizer": gb(e.optimizer),
                     "activations": gb(e.activations),
+                    "buffers": gb(e.buffers),
                     "offloaded": gb(e.offloaded),
                     "per worker": gb(total),
                     "fits": fits,

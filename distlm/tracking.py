@@ -207,6 +207,33 @@ def memory_now(device: torch.device) -> Dict[str, float]:
     }
 
 
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+
+
+def keep_heap_small() -> None:
+    """Serve every allocation of 4 MB or more (gathered ZeRO-3 parameters, activations) from its
+    own mapping, returned to the system when freed. glibc otherwise raises that threshold as
+    large blocks are freed and serves them from the heap, where freed memory stays resident:
+    a 1B-parameter ZeRO-3 worker grew ~1.7 GB per evaluation that way. No-op without glibc."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 4 * 1024 * 1024)  # M_MMAP_THRESHOLD (fixing it also stops its raising)
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim): after the model is
+    built, after DeepSpeed's set-up, after each evaluation, the resident memory is what is live."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def process_rss() -> float:
     """This process's resident memory now (bytes)."""
     with open("/proc/self/statm") as f:

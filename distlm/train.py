@@ -38,7 +38,16 @@ from distlm.failures import BadSteps, Faults, Heartbeat, SpikeGuard, Where, hand
 from distlm.heads import TaskModel, head_adapter, router_layers, write_heads_config
 from distlm.models import build_model, flops_per_token
 from distlm.runtime import all_reduce_sum, apply_collective_timeout, resolve_runtime
-from distlm.tracking import StopSignal, make_tracker, measure_matmul_peak, memory_now, process_rss, report_placement
+from distlm.tracking import (
+    StopSignal,
+    keep_heap_small,
+    make_tracker,
+    measure_matmul_peak,
+    memory_now,
+    process_rss,
+    release_free_memory,
+    report_placement,
+)
 
 
 def train_worker(config: Dict[str, Any]) -> None:
@@ -67,6 +76,7 @@ def _train(config: Dict[str, Any], where: Where) -> None:
     if sink is not None and rank == 0:
         sink.count_start.remote()  # the driver counts the worker group's (re)starts
     rss_at_start = process_rss()  # the libraries, before any model: the baseline of memory.json
+    keep_heap_small()
     _quiet_libraries()
     torch.set_num_threads(tr.threads or cfg.cluster.cpus_per_worker)
     runtime = resolve_runtime(cfg.cluster)
@@ -89,6 +99,7 @@ def _train(config: Dict[str, Any], where: Where) -> None:
     # The engine comes first: under ZeRO-3 the model is built (or loaded) straight into partitions.
     engine = Engine(cfg.zero, tr, runtime, world)
     model = build_model(cfg.model, vocab_size, seq_len, eos_id, tr.seed, cfg.init_from, engine.gather)
+    release_free_memory()  # what building took beyond the model
     model_flops_per_token = flops_per_token(model, seq_len)
     torch.manual_seed(tr.seed)  # adapters' and heads' initialisation: the same in every run and on every rank
     model = lm = adapters.apply_adapters(model, cfg.adapter, list(tasks))
@@ -97,6 +108,7 @@ def _train(config: Dict[str, Any], where: Where) -> None:
         layers = {ROUTER: router_layers(lm, cfg.task.router_depth)} if ROUTER in heads else {}
         model = TaskModel(lm, heads, layers)
     engine.prepare(model, adapters.param_groups(model, cfg.adapter, list(tasks), tr.weight_decay))
+    release_free_memory()
 
     def activate(task: Optional[str]) -> None:
         """Route the step through `task`'s layers; the optimizer leaves other tasks' layers alone."""
@@ -106,6 +118,12 @@ def _train(config: Dict[str, Any], where: Where) -> None:
     temperatures: Dict[str, float] = {}  # each head's calibration at the newest evaluation
 
     def evaluate() -> Dict[str, float]:
+        try:
+            return _evaluate()
+        finally:
+            release_free_memory()
+
+    def _evaluate() -> Dict[str, float]:
         if tasks:
             reports: Dict[str, Dict] = {}
             metrics = evaluate_tasks(

@@ -2,7 +2,8 @@
 (gloo, two processes), the memory a rank allocates while the model is built (random init) or
 loaded (pretrained weights) stays near its half (its anonymous resident memory, sampled), while
 the same build under ZeRO-2 allocates the whole model. The weights equal a plain
-single-process build or load (the reference)."""
+single-process build or load (the reference). Once DeepSpeed has wrapped it, the fp32
+partition is its own master copy (no clone)."""
 
 from __future__ import annotations
 
@@ -106,8 +107,14 @@ def _rank(rank: int, world: int, port: int, stage: int, source: str, out: str) -
             weights[name] = param.detach().clone()
     if rank == 0:
         torch.save(weights, Path(out) / "weights.pt")
+    master_copies = None
+    if stage == 3:  # fp32: is the parameter partition its own master copy, or cloned (4 bytes per value)?
+        engine.prepare(model)
+        opt = engine.ds.optimizer
+        pairs = zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat)
+        master_copies = sum(low.data_ptr() != high.data_ptr() for low, high in pairs)
     (Path(out) / f"rank{rank}.json").write_text(
-        json.dumps({"peak": peak, "held": held, "full": full, "decayed": decayed})
+        json.dumps({"peak": peak, "held": held, "full": full, "decayed": decayed, "master_copies": master_copies})
     )
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -162,6 +169,7 @@ def test_zero3_never_holds_the_whole_model_on_one_rank(kind, pretrained, tmp_pat
         # Each rank keeps its half, and never held much more while building or loading.
         assert rank["held"] == pytest.approx(rank["full"] / 2, rel=0.02), rank
         assert rank["peak"] < 0.6 * rank["full"], f"rank {r} allocated {rank['peak'] / rank['full']:.0%} of the model"
+        assert rank["master_copies"] == 0, "ZeRO-3 keeps a second fp32 copy of the partition"
     # The same weights as a plain single-process build or load, and the same weight-decay groups.
     expected = reference(source)
     assert set(weights) == set(expected)
