@@ -13,11 +13,12 @@ Training in fp32, the weights are their own master copy, except that DeepSpeed's
 so does offloading (the master copy lives in host memory): the optimizer term is 8·Ψt at
 stage 0 and 3, 12·Ψt/N at stages 1 and 2 or offloaded. ZeRO-Offload also keeps the fp32
 gradient partition in host memory (4·Ψt/N more there). DeepSpeed's buffers: at stages 2 and 3
-the gradient reduction bucket (zero.reduce_bucket_size values); at stage 3 the optimizer step's
-fp32 copy of a sub-group's gradients and Adam's temporary of the same size (zero.sub_group_size). Activations follow Korthikanti
-et al. (2022): per layer s·b·h·(34 + 5·a·s/h) bytes in 16-bit (twice that in fp32), or only
-the layer inputs with activation checkpointing, plus the fp32 logits and their gradient for
-the loss. Each worker process also carries a fixed baseline (the libraries).
+the gradient reduction bucket (zero.reduce_bucket_size values); at stage 3 the optimizer
+step's fp32 copy of a sub-group's gradients and Adam's temporary of the same size
+(zero.sub_group_size). Activations follow Korthikanti et al. (2022): per layer
+s·b·h·(34 + 5·a·s/h) bytes in 16-bit (twice that in fp32), or only the layer inputs with
+activation checkpointing, plus the fp32 logits and their gradient for the loss. Each worker
+process also carries a fixed baseline (the libraries).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
-from distlm.config import ConfigError
+from distlm.config import ConfigError, ZeroConfig
 
 GB = 1024**3
 # A worker process before any model: torch, DeepSpeed, transformers, Ray's worker, allocator slack.
@@ -58,9 +59,9 @@ class Setting:
     offload_optimizer: bool = False
     offload_params: bool = False
     activation_checkpointing: bool = False
-    reduce_bucket: int = 50_000_000  # values in DeepSpeed's gradient reduction bucket
-    sub_group: int = 50_000_000  # values in one of ZeRO-3's optimizer sub-groups
-    live: int = 30_000_000  # gathered values ZeRO-3 keeps (prefetched or for reuse)
+    reduce_bucket: int = ZeroConfig.reduce_bucket_size  # values in DeepSpeed's gradient reduction bucket
+    sub_group: int = ZeroConfig.sub_group_size  # values in one of ZeRO-3's optimizer sub-groups
+    live: int = ZeroConfig.live_parameters  # gathered values ZeRO-3 keeps (prefetched or for reuse)
 
     def describe(self) -> str:
         name = f"zero=zero{self.stage}"
@@ -108,7 +109,8 @@ def model_states(shape: ModelShape, s: Setting) -> Dict[str, float]:
 
 def activations(shape: ModelShape, s: Setting) -> float:
     """Activation memory of one micro batch (bytes), Korthikanti et al. (2022) per layer, plus the
-    fp32 logits and their gradient; ZeRO-3 also holds the parameters it gathered (zero.live_parameters; at least the largest whole, twice)."""
+    fp32 logits and their gradient; ZeRO-3 also holds the parameters it gathered
+    (zero.live_parameters; at least the largest whole, twice)."""
     w = 4 if s.precision == "fp32" else 2
     b, t, h, a = s.micro_batch, s.seq_len, shape.hidden, shape.heads
     per_layer = t * b * h * (34 + 5 * a * t / h) * w / 2

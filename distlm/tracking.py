@@ -6,6 +6,7 @@ the loop never branches on rank to log (nanochat's DummyWandb habit).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -207,6 +208,7 @@ def memory_now(device: torch.device) -> Dict[str, float]:
     }
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
     import ctypes
     import ctypes.util
