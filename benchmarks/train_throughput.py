@@ -24,7 +24,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from distlm.runtime import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {"a": "plain PyTorch", "b": "deepspeed launcher", "c1": "distlm, 1 worker", "c2": "distlm, 2 workers"}
@@ -76,37 +77,15 @@ def _timed_steps(cfg, data, rank: int, world: int, micro_step: Callable, optimiz
     return times
 
 
-def _model_and_optimizer(cfg, data):
-    import torch
-
-    from distlm.engine import lr_lambda, param_groups
-    from distlm.models import build_model
-
-    tr = cfg.trainer
-    model = build_model(cfg.model, data.vocab_size, cfg.data.seq_len, data.eos_token_id, tr.seed, cfg.init_from)
-    model.train()
-    # The optimizer distlm's Engine builds (foreach=False there too).
-    opt = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr, betas=(tr.beta1, tr.beta2), foreach=False)
-    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
-
-
 def worker_a(cfg, data, threads: int) -> list[float]:
     import torch
 
+    from distlm.reference import PlainLoop
+
     torch.set_num_threads(threads)
-    model, opt, sched = _model_and_optimizer(cfg, data)
+    loop = PlainLoop(cfg, data.vocab_size, data.eos_token_id)
     accum = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size
-
-    def micro_step(ids: torch.Tensor) -> None:
-        (model(input_ids=ids, labels=ids).loss / accum).backward()
-
-    def optimizer_step() -> None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-
-    return _timed_steps(cfg, data, 0, 1, micro_step, optimizer_step)
+    return _timed_steps(cfg, data, 0, 1, lambda ids: loop.micro_step(ids, accum), loop.optimizer_step)
 
 
 def worker_b(cfg, data, threads: int) -> list[float] | None:
@@ -115,13 +94,15 @@ def worker_b(cfg, data, threads: int) -> list[float] | None:
     import torch.distributed as dist
 
     from distlm.engine import build_ds_config
+    from distlm.reference import PlainLoop
     from distlm.runtime import resolve_runtime
 
     torch.set_num_threads(threads)
     # The launcher sets RANK/WORLD_SIZE/MASTER_*; gloo is what Ray Train sets up for distlm.
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, opt, sched = _model_and_optimizer(cfg, data)
+    loop = PlainLoop(cfg, data.vocab_size, data.eos_token_id)
+    model, opt, sched = loop.model, loop.optimizer, loop.schedule
     ds_config = build_ds_config(cfg.zero, cfg.trainer, resolve_runtime(cfg.cluster), world)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, dist_init_required=False
@@ -192,12 +173,6 @@ class Result:
     log: str = ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _command(variant: str, workdir: Path, threads: int) -> list[str]:
     me = [str(Path(__file__).resolve()), "--worker", variant, "--workdir", str(workdir), "--threads", str(threads)]
     if variant != "b":
@@ -207,7 +182,7 @@ def _command(variant: str, workdir: Path, threads: int) -> list[str]:
         launcher = Path(shutil.which("deepspeed") or "deepspeed")
     # No hostfile: the runner launches locally, --num_accelerators sets the process count (CPU
     # "accelerators" are NUMA nodes otherwise). No --bind_cores_to_rank: it needs numactl.
-    ds = [str(launcher), "--num_accelerators", "2", "--master_port", str(_free_port()), "--no_local_rank"]
+    ds = [str(launcher), "--num_accelerators", "2", "--master_port", str(free_port()), "--no_local_rank"]
     return [*ds, "--log_level", "warning", *me]
 
 

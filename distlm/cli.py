@@ -35,9 +35,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(OmegaConf.to_yaml(composed, resolve=True))
         return 0
     run_dir = Path(cfg.run_dir)
-    hydra_dir = run_dir / ".hydra"
-    hydra_dir.mkdir(parents=True, exist_ok=True)
-    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(args.overrides))))
 
     from rich.console import Console
 
@@ -47,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     try:
-        summary = trainer.run(cfg, console, verbose=args.verbose)
+        summary = trainer.run(cfg, console, verbose=args.verbose, overrides=args.overrides)
     except ConfigError as e:  # problems found on the driver after composition (data files, ...)
         return _fail(str(e), EXIT_CONFIG)
     except trainer.Preempted as e:
@@ -180,9 +177,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         runtime = resolve_runtime(cfg.cluster)
         joined = bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
         if joined:
-            import ray
+            from distlm.runtime import init_ray
 
-            ray.init(address=cfg.cluster.address or os.environ["RAY_ADDRESS"], log_to_driver=False)
+            init_ray(cfg.cluster.address, 0, quiet=True)
         plan = memory.plan(cfg, runtime.device, runtime.precision, joined)
     except ConfigError as e:
         return _fail(str(e), EXIT_CONFIG)

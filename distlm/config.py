@@ -476,6 +476,11 @@ def validate(cfg: Config) -> None:
         )
     if z.offload_optimizer and z.stage == 0:
         raise ConfigError("zero.offload_optimizer=true needs zero.stage>=1: set zero=zero2 or zero=zero3_offload")
+    if z.offload_optimizer and cfg.task.tasks:
+        raise ConfigError(
+            "multi-task fine-tuning cannot use zero.offload_optimizer (its optimizer cannot leave a task's "
+            "layers untouched on other tasks' steps): use zero=zero2 or zero=zero3"
+        )
     _choice("cluster.device", c.device, ["auto", "cpu", "cuda"])
     _choice("cluster.backend", c.backend, ["auto", "gloo", "nccl"])
     _choice("cluster.precision", c.precision, ["auto", "fp32", "bf16", "fp16"])
@@ -501,6 +506,7 @@ def validate(cfg: Config) -> None:
         ("trainer.micro_batch_size", tr.micro_batch_size),
         ("trainer.global_batch_size", tr.global_batch_size),
         ("trainer.eval_every", tr.eval_every),
+        ("trainer.eval_batches", tr.eval_batches),
         ("trainer.checkpoint_every", tr.checkpoint_every),
         ("trainer.keep_checkpoints", tr.keep_checkpoints),
         ("trainer.log_every", tr.log_every),
@@ -525,6 +531,11 @@ def validate(cfg: Config) -> None:
         )
     if not 0.0 <= d.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 0.5)")
+    if d.val_fraction == 0 and not cfg.task.tasks:
+        raise ConfigError(
+            "data.val_fraction=0 leaves pretraining without a validation split (every evaluation reports val/loss): "
+            "use a small fraction, e.g. data.val_fraction=0.02"
+        )
     if d.shard_mb <= 0:
         raise ConfigError(f"data.shard_mb={d.shard_mb} must be positive: the most MB of input per shard (e.g. 64)")
     if d.ray_min_mb < 0:
@@ -553,6 +564,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"trainer.early_stopping.patience={es.patience} must be at least 1 (evaluations)")
     if not 0 < tr.lr < float("inf"):
         raise ConfigError(f"trainer.lr={tr.lr} must be a positive finite number (e.g. 3e-4)")
+    if not 0.0 <= tr.min_lr_ratio <= 1.0:
+        raise ConfigError(
+            f"trainer.min_lr_ratio={tr.min_lr_ratio} must be in [0, 1]: the final learning rate as a fraction of "
+            "trainer.lr (e.g. 0.1)"
+        )
     if tr.max_bad_steps < 1:
         raise ConfigError(f"trainer.max_bad_steps={tr.max_bad_steps} must be at least 1 (skipped steps in a row)")
     spike = tr.loss_spike

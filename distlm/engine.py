@@ -16,7 +16,7 @@ from typing import Any, ContextManager, Dict, Iterable, Iterator, List, Optional
 
 import torch
 
-from distlm.config import ConfigError, TrainerConfig, ZeroConfig
+from distlm.config import TrainerConfig, ZeroConfig
 from distlm.runtime import Runtime
 
 # DeepSpeed picks its accelerator at import time; without a GPU it must be told "cpu"
@@ -87,7 +87,7 @@ def lr_lambda(trainer: TrainerConfig):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float):
-    """No weight decay on biases, norms and embeddings' 1-d parameters."""
+    """Weight decay on matrices (embeddings included), none on 1-d parameters (biases, norms)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -174,11 +174,7 @@ class Engine:
         if zero.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            if any(g.get("tasks") for g in groups):
-                raise ConfigError(
-                    "multi-task fine-tuning cannot use zero.offload_optimizer (its optimizer cannot leave a task's "
-                    "layers untouched on other tasks' steps): use zero=zero2 or zero=zero3"
-                )
+            # config.validate refuses multi-task runs here: CPU Adam has no per-task groups.
             optimizer = DeepSpeedCPUAdam(groups, lr=trainer.lr, betas=betas, adamw_mode=True)
         else:
             optimizer = TaskAwareAdamW(groups, lr=trainer.lr, betas=betas, foreach=False)

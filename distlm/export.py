@@ -234,13 +234,13 @@ def _check_probe(export_dir: Path, probe_path: Path, adapters: List[str], heads:
     (in the precision it trained in: bf16 training keeps fp32 master weights, which the export holds)."""
     from transformers.utils import logging as hf_logging
 
-    from distlm.runtime import DTYPES
+    from distlm.runtime import torch_dtype
 
     hf_logging.disable_progress_bar()
     probe = torch.load(probe_path, map_location="cpu", weights_only=True)
     precision = probe.get("precision", "fp32")
     tolerance = PROBE_TOLERANCE[precision]
-    model = load_exported(str(export_dir), adapters).to(DTYPES[precision])
+    model = load_exported(str(export_dir), adapters).to(torch_dtype(precision))
     diffs = []
     with torch.no_grad():
         if adapters:
@@ -255,7 +255,7 @@ def _check_probe(export_dir: Path, probe_path: Path, adapters: List[str], heads:
             from distlm.heads import load_head, pooled_hidden
 
             layer, config = load_head(head_dir(export_dir, name))
-            layer = layer.to(DTYPES[precision])
+            layer = layer.to(torch_dtype(precision))
             ids = probe["input_ids"]
             if config["adapter"] is None:
                 context = model.disable_adapter() if adapters else contextlib.nullcontext()

@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from distlm.config import Config, ConfigError
 from distlm.failures import FAILURE_LOG
@@ -17,7 +17,7 @@ from distlm.failures import FAILURE_LOG
 CHECKPOINTS = "checkpoints"
 
 
-def run(cfg: Config, console=None, verbose: bool = False) -> Dict[str, Any]:
+def run(cfg: Config, console=None, verbose: bool = False, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     """Train, export and plot. Returns a summary; raises on failure after Ray's retries.
 
     The console shows distlm's own lines; what Ray, DeepSpeed, torch and the workers print goes
@@ -38,7 +38,6 @@ def run(cfg: Config, console=None, verbose: bool = False) -> Dict[str, Any]:
             "or a new hydra.run.dir"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    _save_config(cfg, run_dir)
 
     console.log(f"run dir: {run_dir}")
     from distlm.runtime import resolve_runtime
@@ -78,6 +77,8 @@ def run(cfg: Config, console=None, verbose: bool = False) -> Dict[str, Any]:
         # A damaged or missing newest checkpoint: resume from the newest intact one, saying so.
         resume_from = find_resumable(checkpoints, lambda line: console.log(f"[yellow]checkpoints:[/] {line}"))
         _check_resume(resume_from or _newest_registered(checkpoints), cfg, console)
+    # Only now, with every driver-side check passed: a refused command leaves an existing run's config as it was.
+    _save_config(cfg, run_dir, overrides)
     sink = ray.remote(num_cpus=0)(MetricsSink).remote()
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if runtime.device == "cuda":
@@ -335,12 +336,15 @@ def _resolve_pretrained(cfg: Config, console) -> None:
             setattr(section, key, converted)
 
 
-def _save_config(cfg: Config, run_dir: Path) -> None:
-    """The resolved config of the run (Hydra's layout), for people and for `distlm eval`."""
+def _save_config(cfg: Config, run_dir: Path, overrides: Sequence[str]) -> None:
+    """The resolved config of the run and the command line's overrides (Hydra's layout), for people
+    and for `distlm eval`."""
     from omegaconf import OmegaConf
 
-    (run_dir / ".hydra").mkdir(exist_ok=True)
-    (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(exist_ok=True)
+    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
 
 
 def _raise_on_failure(sink, run_dir: Path, error, placement: List[Dict[str, Any]], metrics_path: Path) -> int:
@@ -465,23 +469,12 @@ def _best_step(metrics_path: Path, cfg: Config) -> Optional[int]:
 def _init_ray(cfg: Config, verbose: bool = False) -> None:
     """Join cluster.address (or RAY_ADDRESS), else start a local Ray. Unless verbose, Ray's own
     start-up lines and the actors' output (Ray Train's controller, the workers) stay off the console."""
-    import logging
+    from distlm.runtime import init_ray
 
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    # Workers find distlm and quiet DeepSpeed/Ray noise through these variables.
-    env = {"RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}
-    for key, value in env.items():
-        os.environ.setdefault(key, value)
-    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
-    if address:
-        ray.init(address=address, **quiet)
-        return
-    needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
-    ray.init(num_cpus=max(needed, os.cpu_count() or 1), **quiet)
+    # Ray Train's controller and workers log plain lines (to the run's logs) rather than JSON.
+    for key in ["RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING"]:
+        os.environ.setdefault(key, "0")
+    init_ray(cfg.cluster.address, cfg.cluster.num_workers * cfg.cluster.cpus_per_worker, quiet=not verbose)
 
 
 def _cluster_has_gpus() -> bool:

@@ -89,6 +89,11 @@ BAD = [
     (["data.engine=spark"], "data.engine"),
     (["data.shard_mb=0"], "data.shard_mb"),
     (["data=hf"], "data.paths"),
+    (["trainer.eval_batches=0"], "trainer.eval_batches"),
+    (["trainer.min_lr_ratio=1.5"], "trainer.min_lr_ratio"),
+    (["trainer.lr=0"], "trainer.lr"),
+    (["data.val_fraction=0"], "data.val_fraction"),
+    (["zero=zero3_offload", "task=suite"], "zero.offload_optimizer"),
 ]
 
 

@@ -16,7 +16,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ import torch
 from conftest import REPO, compose_cfg, distlm_cmd, run_cli
 
 from distlm.config import ConfigError, ServeConfig, compose, validate_serve
+from distlm.runtime import free_port
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -49,12 +49,6 @@ SERVE_ARGS = {
     "max_body_bytes": "20000",
 }
 PROMPTS = ["def main(argv):\n", "import os\nimport sys\n", "class Parser(object):", "x = [i for i in"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- fixtures

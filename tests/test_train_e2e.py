@@ -27,28 +27,18 @@ pytestmark = pytest.mark.slow
 def reference_losses(cfg, steps: int):
     """The same model, data order, optimizer, schedule and clipping in one process."""
     from distlm.data import ResumableSampler, TokenBlocks, prepare_data
-    from distlm.engine import lr_lambda, param_groups
-    from distlm.models import build_model
+    from distlm.reference import PlainLoop
 
     tr = cfg.trainer
     data = prepare_data(cfg.data, seed=tr.seed, progress=False)
-    model = build_model(cfg.model, data.vocab_size, cfg.data.seq_len, data.eos_token_id, tr.seed)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, tr.weight_decay), lr=tr.lr, betas=(tr.beta1, tr.beta2), foreach=False
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tr))
+    loop = PlainLoop(cfg, data.vocab_size, data.eos_token_id)
     blocks = TokenBlocks(data.train_path, data.dtype, cfg.data.seq_len)
     sampler = ResumableSampler(len(blocks), tr.global_batch_size, tr.global_batch_size, 0, 1, tr.seed)
     losses = []
     for _ in range(steps):
         (indices,) = sampler.next_batch()
-        ids = torch.stack([blocks[i] for i in indices])
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
+        loss = loop.micro_step(torch.stack([blocks[i] for i in indices]))
+        loop.optimizer_step()
         losses.append(loss.item())
     return losses
 
@@ -270,9 +260,13 @@ def test_run_stops_with_the_cause_when_retries_are_spent(tmp_path):
 
 
 def test_resume_never_refuses_existing_run(uninterrupted):
+    saved = {name: (uninterrupted / ".hydra" / name).read_text() for name in ["config.yaml", "overrides.yaml"]}
+    assert "trainer.max_steps=30" in saved["overrides.yaml"]
     result = run_cli("train", *LONG, f"hydra.run.dir={uninterrupted}", "trainer.resume=never")
     assert result.returncode == 2
     assert "trainer.resume" in result.stderr
+    # The refused command leaves the run's record of how it was made as it was.
+    assert {name: (uninterrupted / ".hydra" / name).read_text() for name in saved} == saved
 
 
 def test_export_command_rebuilds_export(uninterrupted, tmp_path):

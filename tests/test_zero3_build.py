@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from distlm.runtime import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +34,6 @@ OVERRIDES = [
     "trainer.global_batch_size=4",
 ]
 VOCAB, SEQ, SEED = 512, 64, 1234
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _AnonPeak:
@@ -124,7 +119,7 @@ def build_on_two_ranks(tmp_path: Path, stage: int, source: str = ""):
     out = tmp_path / f"zero{stage}-{'load' if source else 'init'}"
     out.mkdir()
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     # glibc returns every block of 64 KB or more to the system when freed (no heap fragmentation
     # kept as resident memory), so resident memory follows what is really allocated.
     os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")

@@ -134,7 +134,9 @@ def connect(ray_init: Optional[Callable[[], None]]) -> int:
         if ray_init is not None:
             ray_init()
         else:
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+            from distlm.runtime import init_ray
+
+            init_ray(None, 1, quiet=True)
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 

@@ -18,17 +18,13 @@ import sys
 import time
 from typing import List
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+from distlm.runtime import free_port
 
 
 def head_address() -> str:
     import ray.util
 
-    return f"{ray.util.get_node_ip_address()}:{free_port()}"
+    return f"{ray.util.get_node_ip_address()}:{free_port('')}"
 
 
 def _reachable(address: str) -> bool:

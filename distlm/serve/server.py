@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
 import signal
@@ -36,16 +35,11 @@ def init_ray(cfg: ServeConfig, ray_address: Optional[str] = None) -> bool:
     """Join the cluster at ray_address (or $RAY_ADDRESS), else start a local Ray. True if started here."""
     import ray
 
-    if ray.is_initialized():
-        return False
-    address = ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return False
-    _check_port_free(cfg.host, cfg.port)
-    needed = cfg.num_cpus * (cfg.max_replicas or cfg.num_replicas)
-    ray.init(num_cpus=max(math.ceil(needed), os.cpu_count() or 1))
-    return True
+    from distlm.runtime import init_ray as start_or_join
+
+    if not ray.is_initialized() and not (ray_address or os.environ.get("RAY_ADDRESS")):
+        _check_port_free(cfg.host, cfg.port)  # before Ray takes seconds to start
+    return start_or_join(ray_address, cfg.num_cpus * (cfg.max_replicas or cfg.num_replicas))
 
 
 def deploy(export: ExportInfo, cfg: ServeConfig) -> None:
