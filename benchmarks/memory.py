@@ -78,15 +78,15 @@ def planned(model: str, preset: str) -> dict:
     """The pre-flight's figures for this run (what `distlm plan` prints), in this process."""
     from distlm import memory
     from distlm.config import compose
+    from distlm.driver import resolve_pretrained
     from distlm.runtime import resolve_runtime
-    from distlm.trainer import _resolve_pretrained
 
     class Quiet:
         def log(self, *args, **kwargs) -> None:
             pass
 
     cfg, _ = compose([*MODELS[model], f"zero={preset}", *RUN])
-    _resolve_pretrained(cfg, Quiet())
+    resolve_pretrained(cfg, Quiet())
     runtime = resolve_runtime(cfg.cluster)
     plan = memory.plan(cfg, runtime.device, runtime.precision, joined=False)
     states = memory.model_states(plan.shape, plan.setting)

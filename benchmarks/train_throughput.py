@@ -3,8 +3,8 @@
 Same model, data order, global batch and number of steps for every variant:
   a   plain single-process PyTorch loop (torch AdamW, lr_lambda, grad clipping), all cores
   b   the `deepspeed` launcher: 2 processes, ZeRO (zero=zero2 unless overridden) over gloo, cores split
-  c1  distlm.trainer.run: 1 Ray worker with all cores
-  c2  distlm.trainer.run: 2 Ray workers, the cores split between them
+  c1  distlm.driver.run: 1 Ray worker with all cores
+  c2  distlm.driver.run: 2 Ray workers, the cores split between them
 
 Each variant runs in a fresh process tree, one after the other, so the wall column (launch
 to exit) holds the start-up each one really costs (imports, config, data-cache lookup, Ray,
@@ -124,8 +124,8 @@ def worker_b(cfg, data, threads: int) -> list[float] | None:
 def worker_c(cfg) -> list[float]:
     import ray
 
+    from distlm.driver import run
     from distlm.tracking import read_metrics
-    from distlm.trainer import run
 
     run(cfg)
     ray.shutdown()  # part of what a user pays, so inside the wall time

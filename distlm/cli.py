@@ -38,18 +38,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from distlm import trainer
+    from distlm import driver
     from distlm.checkpoint import CheckpointError
     from distlm.failures import RunFailed
 
     console = Console(stderr=True)
     try:
-        summary = trainer.run(cfg, console, verbose=args.verbose, overrides=args.overrides)
+        summary = driver.run(cfg, console, verbose=args.verbose, overrides=args.overrides)
     except ConfigError as e:  # problems found on the driver after composition (data files, ...)
         return _fail(str(e), EXIT_CONFIG)
-    except trainer.Preempted as e:
+    except driver.Preempted as e:
         return _fail(str(e), EXIT_PREEMPTED)
-    except (trainer.ExportFailed, RunFailed, CheckpointError) as e:
+    except (driver.ExportFailed, RunFailed, CheckpointError) as e:
         return _fail(str(e), 1)
     except KeyboardInterrupt:
         return _fail(
@@ -134,13 +134,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     import json
 
     from distlm.data.tokens import find_prepared, prepare_data, summary_line
-    from distlm.trainer import _init_ray
+    from distlm.driver import init_ray
 
     try:
         data = find_prepared(cfg.data, seed=cfg.trainer.seed)
         cached = data is not None
         if data is None:
-            data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True, ray_init=lambda: _init_ray(cfg))
+            data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True, ray_init=lambda: init_ray(cfg))
     except ConfigError as e:
         return _fail(str(e), EXIT_CONFIG)
     except KeyboardInterrupt:
@@ -169,11 +169,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from rich.table import Table
 
         from distlm import memory
+        from distlm.driver import resolve_pretrained
         from distlm.runtime import resolve_runtime
-        from distlm.trainer import _resolve_pretrained
 
         console = Console(width=max(120, Console().width))
-        _resolve_pretrained(cfg, console)
+        resolve_pretrained(cfg, console)
         runtime = resolve_runtime(cfg.cluster)
         joined = bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
         if joined:

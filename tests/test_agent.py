@@ -204,10 +204,10 @@ def pretrained(tmp_path_factory):
 
 
 def _train(overrides, run_dir: Path):
-    from distlm import trainer
+    from distlm import driver
 
     cfg, _ = compose([*overrides, f"hydra.run.dir={run_dir}"])
-    summary = trainer.run(cfg)
+    summary = driver.run(cfg)
     return cfg, summary, read_metrics(str(run_dir / "metrics.jsonl"))
 
 
@@ -308,9 +308,9 @@ def test_early_stopping_ends_the_run_and_exports_the_best_step(tmp_path, ray_ses
         ],
         run_dir,
     )
-    from distlm import trainer
+    from distlm import driver
 
-    summary = trainer.run(cfg)
+    summary = driver.run(cfg)
     records = [r for r in read_metrics(str(run_dir / "metrics.jsonl")) if "val/loss" in r and r["step"] > 0]
     assert [r["step"] for r in records] == [2, 4, 6]  # stopped after two evaluations without improvement
     assert records[1]["val/loss"] < records[0]["val/loss"]  # (the loss did fall: "max" saw no gain)

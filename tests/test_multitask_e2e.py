@@ -38,10 +38,10 @@ def pretrained(tmp_path_factory):
 
 
 def _train(overrides, run_dir: Path):
-    from distlm import trainer
+    from distlm import driver
 
     cfg, _ = compose([*SMALL_SUITE, *overrides, f"hydra.run.dir={run_dir}"])
-    summary = trainer.run(cfg)
+    summary = driver.run(cfg)
     return cfg, summary, read_metrics(str(run_dir / "metrics.jsonl"))
 
 

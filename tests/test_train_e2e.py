@@ -44,10 +44,10 @@ def reference_losses(cfg, steps: int):
 
 
 def train_in_process(overrides, run_dir):
-    from distlm import trainer
+    from distlm import driver
 
     cfg = compose_cfg(["tracking=disabled", *overrides], run_dir)
-    summary = trainer.run(cfg)
+    summary = driver.run(cfg)
     return cfg, summary, read_metrics(str(Path(run_dir) / "metrics.jsonl"))
 
 

@@ -41,7 +41,7 @@ def test_runtime_defaults_to_nccl_and_bf16():
 
 
 def _train(tmp_path, overrides):
-    from distlm import trainer
+    from distlm import driver
 
     per_step = WORKERS * 2
     cfg = compose_cfg(
@@ -54,7 +54,7 @@ def _train(tmp_path, overrides):
         ],
         tmp_path / "run",
     )
-    summary = trainer.run(cfg)
+    summary = driver.run(cfg)
     return cfg, summary, [r for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "train/loss" in r]
 
 

@@ -1,4 +1,5 @@
-"""The training loop run by every Ray Train worker. Read it top to bottom:
+"""The worker side of a training run: the loop every Ray Train worker runs (started by
+distlm.driver). Read it top to bottom:
 build -> restore -> (batch, forward, backward, optimizer step, log, eval, checkpoint)* -> done.
 
 Pretraining and multi-task fine-tuning share it; they differ only in the batch source

@@ -1,4 +1,5 @@
-"""Driver side of a training run: data, Ray Train worker group, progress, export, plot."""
+"""The driver side of a training run (the `distlm train` process, outside the Ray workers): checks,
+data, the Ray Train worker group, progress, export, plot. The workers run distlm.worker."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def run(cfg: Config, console=None, verbose: bool = False, overrides: Sequence[st
     console.log(f"run dir: {run_dir}")
     from distlm.runtime import resolve_runtime
 
-    _resolve_pretrained(cfg, console)
+    resolve_pretrained(cfg, console)
     # The memory pre-flight: before anything slow (data, Ray) when the workers run on this machine,
     # after joining the cluster otherwise.
     joined = bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
@@ -61,9 +62,9 @@ def run(cfg: Config, console=None, verbose: bool = False, overrides: Sequence[st
 
     from distlm.failures import controller_callback
     from distlm.tracking import MetricsSink
-    from distlm.train import train_worker
+    from distlm.worker import train_worker
 
-    _init_ray(cfg, verbose)
+    init_ray(cfg, verbose)
     runtime = resolve_runtime(cfg.cluster, cuda_available=_cluster_has_gpus())
     if joined:
         plan = _preflight(cfg, runtime, joined, console)
@@ -288,7 +289,7 @@ def _prepare_inputs(cfg: Config, console, verbose: bool = False):
         cfg.data.tokenizer = source
         console.log(f"tokenizer: {source}'s own (data.tokenizer=<dir> picks another)")
     # Ray is started (or joined) here only if the data is large enough for Ray Data (data.engine).
-    data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True, ray_init=lambda: _init_ray(cfg, verbose))
+    data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True, ray_init=lambda: init_ray(cfg, verbose))
     console.log(f"data: {data.num_train_tokens:,} train / {data.num_val_tokens:,} val tokens, vocab {data.vocab_size}")
     # Fail here, not in every worker, if transformers cannot build the model.
     if cfg.model.pretrained is None and cfg.init_from is None:
@@ -319,7 +320,7 @@ def _write_memory(run_dir: Path, measured: List[Dict[str, float]], plan, console
         console.log(f"memory: peak {gb(max(peaks))} per worker (estimate {gb(estimate['per_worker'])})")
 
 
-def _resolve_pretrained(cfg: Config, console) -> None:
+def resolve_pretrained(cfg: Config, console) -> None:
     """.gguf files given as the model, init_from or tokenizer become Hugging Face directories,
     converted once on the driver into the data cache; the workers then load those."""
     for section, key, name in [
@@ -466,15 +467,15 @@ def _best_step(metrics_path: Path, cfg: Config) -> Optional[int]:
     return int(steps[-1]) if steps else None
 
 
-def _init_ray(cfg: Config, verbose: bool = False) -> None:
+def init_ray(cfg: Config, verbose: bool = False) -> None:
     """Join cluster.address (or RAY_ADDRESS), else start a local Ray. Unless verbose, Ray's own
     start-up lines and the actors' output (Ray Train's controller, the workers) stay off the console."""
-    from distlm.runtime import init_ray
+    from distlm.runtime import init_ray as start_or_join
 
     # Ray Train's controller and workers log plain lines (to the run's logs) rather than JSON.
     for key in ["RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING"]:
         os.environ.setdefault(key, "0")
-    init_ray(cfg.cluster.address, cfg.cluster.num_workers * cfg.cluster.cpus_per_worker, quiet=not verbose)
+    start_or_join(cfg.cluster.address, cfg.cluster.num_workers * cfg.cluster.cpus_per_worker, quiet=not verbose)
 
 
 def _cluster_has_gpus() -> bool:
