@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch.multiprocessing as mp
 from conftest import REPO, TINY, distlm_cmd
 
 from distlm.failures import DETERMINISTIC, INFRASTRUCTURE, SpikeGuard, classify
+from distlm.runtime import free_port
 from distlm.tracking import read_metrics
 
 # ---------------------------------------------------------------- units
@@ -125,9 +125,7 @@ def _skip_on_rank(rank: int, port: int, out: str) -> None:
 def test_a_non_finite_step_is_skipped_on_every_zero_stage(tmp_path):
     """NaN gradients on one rank's micro-batch: on every rank and ZeRO stage, that step changes no
     weight, does not move the schedule, and is counted; the steps around it train."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [mp.get_context("spawn").Process(target=_skip_on_rank, args=(r, port, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
