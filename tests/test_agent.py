@@ -390,20 +390,34 @@ def test_the_agent_is_served_as_one_model(agent_runs):
 def test_below_min_confidence_the_agent_falls_back(agent_runs):
     """With min_confidence above every routing confidence, each request goes to the fallback (the
     base model, or the configured task) and its trace says so."""
+    import asyncio
+
     from distlm.config import AgentConfig
     from distlm.export import AGENT as ROUTED
-    from distlm.serve.model import GenerationRequest, SamplingParams, ServedModel, find_export
+    from distlm.export import find_export
+    from distlm.serve.engines import GenerationRequest, SamplingParams
+    from distlm.serve.engines.hf import HFEngine
+
+    async def answers(engine, requests):
+        async def one(request):
+            return [e async for e in engine.generate(request)]
+
+        try:
+            return await asyncio.gather(*(one(r) for r in requests))  # one batch: they arrive together
+        finally:
+            engine.shutdown()
 
     run_dir, _, _ = agent_runs("zero2")
     export = find_export(str(run_dir))
     prompts = ["add: 12 + 7 =", "reverse: a b c ="]
     for fallback in (None, "sorting"):
-        model = ServedModel(export, agent=AgentConfig(min_confidence=1.0, fallback=fallback))
-        requests = [GenerationRequest(model.encode(p), SamplingParams(6, temperature=0), ROUTED) for p in prompts]
-        forced = [GenerationRequest(model.encode(p), SamplingParams(6, temperature=0), fallback) for p in prompts]
-        for events, reference in zip(model.generate(requests), model.generate(forced)):
+        engine = HFEngine(export, agent=AgentConfig(min_confidence=1.0, fallback=fallback))
+        ids = [engine.text.encode(p) for p in prompts]
+        requests = [GenerationRequest(i, SamplingParams(6, temperature=0), ROUTED) for i in ids]
+        forced = [GenerationRequest(i, SamplingParams(6, temperature=0), fallback) for i in ids]
+        for events, reference in zip(asyncio.run(answers(engine, requests)), asyncio.run(answers(engine, forced))):
             trace = events[0].trace
             assert trace["fallback"] and trace["task"] == fallback and trace["confidence"] < 1.0
             assert [e.token_id for e in events] == [e.token_id for e in reference]
     with pytest.raises(ConfigError, match="serve.agent.fallback='nope' is not a task"):
-        ServedModel(export, agent=AgentConfig(fallback="nope"))
+        HFEngine(export, agent=AgentConfig(fallback="nope"))

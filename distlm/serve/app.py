@@ -1,6 +1,5 @@
-"""The Ray Serve application: one deployment whose replicas each hold the base model once with
-every task adapter, batch concurrent requests with `@serve.batch`, and serve the FastAPI
-routes of distlm.serve.api.
+"""The Ray Serve application: one deployment whose replicas each hold an engine (the base model
+once with every task adapter; engines/) and serve the FastAPI routes of distlm.serve.api.
 
 Import paths for Ray's own tools and KubeRay's RayService:
 
@@ -9,31 +8,24 @@ Import paths for Ray's own tools and KubeRay's RayService:
 
 `build_app` takes `path` plus any key of ServeConfig (strings are converted, as `serve run`
 passes them); overload settings, replicas and resources become deployment options.
+
+Other deployments (the agent's router) call the engine through a handle:
+`handle.options(stream=True).generate.remote(GenerationRequest(...))` streams TokenEvents.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-from typing import Any, AsyncIterator, Dict, List, Optional, Union
+from typing import Any, AsyncIterator, Dict, Optional, Union
 
 from ray import serve
 from ray.serve import Application
 
 from distlm.config import ConfigError, ServeConfig, validate_serve
-from distlm.serve.model import ExportInfo, GenerationRequest, ServedModel, TokenEvent, find_export
+from distlm.export import ExportInfo, find_export
+from distlm.serve.engines import GenerationRequest, TokenEvent, build_engine
 
 PATH_ENV = "DISTLM_SERVE_PATH"
-
-
-def _device_and_dtype(cfg: ServeConfig):
-    import torch
-
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
-    return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
 @serve.deployment(name="distlm")
@@ -43,31 +35,29 @@ class DistlmModel:
         import torch
 
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
-        device, dtype = _device_and_dtype(cfg)
-        self.model = ServedModel(export, device, dtype, cfg.agent)
+        self.engine = build_engine(export, cfg)
+        self.export = export
         # The key resolved where the app was built, else this replica's own environment (a pod's secret).
         self.cfg, self.api_key = cfg, api_key or resolve_api_key(cfg)
-        self.generate_batch.set_max_batch_size(cfg.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
     def __serve_build_asgi_app__(self):
         from distlm.serve.api import build_api
 
         replica = serve.get_replica_context().replica_id.unique_id
-        return build_api(self.model, self.generate, self.cfg, self.api_key, replica)
+        return build_api(self.engine, self.export, self.cfg, self.api_key, replica)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        async for event in self.generate_batch(request):
+        """The engine's stream for one request (for other deployments, through a handle)."""
+        async for event in self.engine.generate(request):
             yield event
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # replaced from the config in __init__
-    async def generate_batch(self, requests: List[GenerationRequest]):
-        """Requests that arrive within batch_wait_timeout_s (up to max_batch_size) decode together;
-        each step runs in a thread so the replica keeps accepting requests meanwhile."""
-        steps = self.model.steps(requests)
-        while (events := await asyncio.to_thread(next, steps, None)) is not None:
-            # StopIteration ends that request's stream (Ray Serve's protocol for batched generators).
-            yield [StopIteration if e is None else e for e in events]
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
 
 
 def deployment_options(cfg: ServeConfig) -> Dict[str, Any]:
@@ -78,6 +68,8 @@ def deployment_options(cfg: ServeConfig) -> Dict[str, Any]:
         "max_queued_requests": cfg.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=cfg.overload_status, retry_after_s=cfg.retry_after_s),
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        # Ctrl-C / SIGTERM: a replica finishes what it runs for at most this long before it stops.
+        "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
     }
     if cfg.min_replicas is not None:
         options["autoscaling_config"] = {

@@ -1,18 +1,25 @@
-"""Request bodies (pydantic, OpenAI field names) and OpenAI-style error bodies.
+"""Request and response bodies (pydantic, OpenAI field names) and OpenAI-style error bodies.
 
-Models are strict (no "5" for 5, no "yes" for true) and forbid unknown fields, as the
-OpenAI API does; text fields must be valid Unicode (a lone surrogate from a JSON escape
-such as "\\ud800" is rejected here rather than failing in the tokenizer).
+Request models are strict (no "5" for 5, no "yes" for true) and forbid unknown fields, as the
+OpenAI API does; text fields must be valid Unicode (a lone surrogate from a JSON escape such as
+"\\ud800" is rejected here rather than failing in the tokenizer). Their JSON schemas are what
+the OpenAPI document shows, so every type and bound a request is checked against is written
+into the field itself; the limits that depend on the server (context, max_tokens_limit,
+max_choices) are 400s. The response models describe exactly what the routes send.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import JSONResponse
+from typing_extensions import Annotated
+
+from distlm.serve.engines.base import MAX_LOGPROBS
 
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_TOKEN_IDS = 64
 
 
 class ApiError(Exception):
@@ -23,19 +30,27 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+def error_type(status: int) -> str:
+    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status)
+    return kind or ("invalid_request_error" if status < 500 else "server_error")
+
+
+def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> Dict[str, Any]:
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
+
+
 def error_response(
     status: int,
     message: str,
     param: Optional[str] = None,
     code: Optional[str] = None,
     retry_after_s: Optional[int] = None,
+    headers: Optional[Dict[str, str]] = None,
 ) -> JSONResponse:
-    kind = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(status)
-    if kind is None:
-        kind = "invalid_request_error" if status < 500 else "server_error"
-    headers = {"Retry-After": str(retry_after_s or 1)} if status in (429, 503) else None
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    headers = dict(headers or {})
+    if status in (429, 503):
+        headers["Retry-After"] = str(retry_after_s or 1)
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers or None)
 
 
 def _valid_unicode(text: str, what: str) -> str:
@@ -44,6 +59,10 @@ def _valid_unicode(text: str, what: str) -> str:
     except UnicodeEncodeError as e:
         raise ValueError(f"{what} is not valid Unicode (character {e.start} is a lone surrogate)") from None
     return text
+
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class _Request(BaseModel):
@@ -55,78 +74,280 @@ class StreamOptions(_Request):
 
 
 class _Sampling(_Request):
-    model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    model: str = Field(description="the run's name for the base model, or '<run>:<task>' for a task adapter")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 decodes greedily (so does anything below 1e-5)")
     top_p: float = Field(1.0, ge=0.0, le=1.0)
-    stop: List[str] = Field(default_factory=list)
+    stop: Union[NonEmpty, Annotated[List[NonEmpty], Field(max_length=MAX_STOP_SEQUENCES)], None] = Field(
+        None, description=f"up to {MAX_STOP_SEQUENCES} sequences; the text ends before the first one"
+    )
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(1, ge=1, le=1, description="only one choice per request")
+    n: int = Field(1, ge=1, le=128, description="choices per prompt (prompts x n is limited by the server)")
+    stop_token_ids: Optional[Annotated[List[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)]] = Field(
+        None, description="token ids that end a choice (not part of its text)"
+    )
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
     user: Optional[str] = None
-    # Accepted so that clients which send these at their neutral values work unchanged;
-    # any other value is refused rather than silently ignored.
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: Any = None
-    logprobs: Any = None
+    # Accepted so that clients which send these at their neutral values work unchanged; any other
+    # value is refused rather than silently ignored.
+    presence_penalty: float = Field(0.0, json_schema_extra={"minimum": 0, "maximum": 0})
+    frequency_penalty: float = Field(0.0, json_schema_extra={"minimum": 0, "maximum": 0})
+    logit_bias: Optional[Dict[str, float]] = Field(None, json_schema_extra={"maxProperties": 0})
 
-    @field_validator("presence_penalty", "frequency_penalty", "logit_bias", "logprobs")
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
     @classmethod
     def _neutral_only(cls, value: Any) -> Any:
         if value:
-            raise ValueError("is not supported by this server (only 0, false, null or {} are accepted)")
+            raise ValueError("is not supported by this server (only 0, null or {} are accepted)")
         return value
 
-    @field_validator("stop", mode="before")
+    @field_validator("stop")
     @classmethod
-    def _stop_list(cls, value: Any) -> List[str]:
-        if value is None:
-            return []
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
-            raise ValueError("must be a non-empty string or a list of non-empty strings")
-        if len(value) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(value)}")
-        return [_valid_unicode(s, "stop sequence") for s in value]
+    def _stop_unicode(cls, value: Any) -> Any:
+        for s in [value] if isinstance(value, str) else value or []:
+            _valid_unicode(s, "stop sequence")
+        return value
+
+    @property
+    def stops(self) -> List[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+Prompt = Union[
+    NonEmpty,
+    Annotated[List[NonEmpty], Field(min_length=1)],
+    Annotated[List[TokenId], Field(min_length=1)],
+    Annotated[List[Annotated[List[TokenId], Field(min_length=1)]], Field(min_length=1)],
+]
+
+
+def _requires(field: str, value: Any, other: str, other_value: Any) -> Dict[str, Any]:
+    """JSON Schema for "if `field` is `value` (or, with value None, given), `other` must be `other_value`"."""
+    condition = {"not": {"type": "null"}} if value is None else {"const": value}
+    return {
+        "if": {"properties": {field: condition}, "required": [field]},
+        "then": {"properties": {other: {"const": other_value}}, "required": [other]},
+    }
 
 
 class CompletionRequest(_Sampling):
-    prompt: List[str]
+    model_config = ConfigDict(json_schema_extra=_requires("max_tokens", 0, "echo", True))
 
-    @field_validator("prompt", mode="before")
+    prompt: Prompt = Field(
+        description="a string, a list of strings, a list of token ids, or a list of lists of token ids; "
+        "each prompt gets n choices"
+    )
+    max_tokens: Optional[int] = Field(None, ge=0, description="0 only with echo: score the prompt, generate nothing")
+    logprobs: Optional[int] = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="the log-probability of each token and of this many likeliest"
+    )
+    echo: bool = Field(False, description="return the prompt before the completion (with its log-probabilities)")
+
+    @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: Any) -> List[str]:
-        if isinstance(value, list) and len(value) == 1:
-            value = value[0]
-        if not isinstance(value, str):
-            raise ValueError("must be a string (or a list of exactly one string)")
-        if not value:
-            raise ValueError("is empty: give some text to complete")
-        return [_valid_unicode(value, "prompt")]
+    def _prompt_unicode(cls, value: Any) -> Any:
+        for p in [value] if isinstance(value, str) else value:
+            if isinstance(p, str):
+                _valid_unicode(p, "prompt")
+        return value
+
+    @property
+    def prompts(self) -> List[Union[str, List[int]]]:
+        """One entry per prompt: its text, or its token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    content: Union[str, List[TextPart]] = Field(description='a string or a list of {"type": "text", "text": ...} parts')
     name: Optional[str] = None
 
-    @field_validator("content", mode="before")
+    @field_validator("content")
     @classmethod
     def _text(cls, value: Any) -> str:
-        # OpenAI also sends content as parts: [{"type": "text", "text": "..."}].
-        if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
-            value = "".join(str(p.get("text", "")) for p in value)
-        if not isinstance(value, str):
-            raise ValueError('must be a string or a list of {"type": "text", "text": ...} parts')
+        if isinstance(value, list):
+            value = "".join(p.text for p in value)
         return _valid_unicode(value, "content")
 
 
 class ChatCompletionRequest(_Sampling):
+    model_config = ConfigDict(json_schema_extra=_requires("top_logprobs", None, "logprobs", True))
+
     messages: List[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = Field(False, description="the log-probability of each new token")
+    top_logprobs: Optional[int] = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="with logprobs: also this many likeliest tokens per position"
+    )
+
+
+# ---------------------------------------------------------------- responses (for the OpenAPI document)
+
+FinishReason = Optional[Literal["stop", "length"]]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str]
+    code: Optional[str]
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: List[str]
+    token_logprobs: List[Optional[float]] = Field(description="null for a prompt's first token")
+    top_logprobs: List[Optional[Dict[str, float]]]
+    text_offset: List[int]
+
+
+class AgentTrace(BaseModel):
+    """How the agent (model "<run>") routed a request: the task whose layer answered (null: the
+    base model), the router's calibrated confidence, its top choice and runner-up, and whether the
+    top choice was below serve.agent.min_confidence (then the fallback answered)."""
+
+    task: Optional[str]
+    confidence: float
+    chosen: str
+    runner_up: Optional[str]
+    runner_up_confidence: float
+    fallback: bool
+
+
+_AGENT = Field(
+    None, description="the agent's routing (model '<run>' of a run with a router); on a stream's first chunk"
+)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs]
+    finish_reason: FinishReason = Field(description="null only in stream chunks before the last")
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: List[CompletionChoice]
+    usage: Optional[Usage] = Field(description="in stream chunks: null, except the last chunk with include_usage")
+    agent: Optional[AgentTrace] = _AGENT
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: List[int]
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: List[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: List[TokenLogprobOut]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChatLogprobs]
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: List[ChatChoice]
+    usage: Usage
+    agent: Optional[AgentTrace] = _AGENT
+
+
+class Delta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: Optional[ChatLogprobs]
+    finish_reason: FinishReason
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: List[ChatChunkChoice]
+    usage: Optional[Usage]
+    agent: Optional[AgentTrace] = _AGENT
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: Optional[str]
+    description: str = Field(description="what the id selects: the agent, the base model, or a task's layer")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: List[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    models: List[str]
+    replica: str
+    engine: str
+
+
+# What a union-typed field takes, for a value that fits none of its types.
+UNION_HINTS = {
+    "prompt": "must be a non-empty string, a list of them, a list of token ids or a list of lists of token ids",
+    "stop": f"must be a non-empty string or a list of at most {MAX_STOP_SEQUENCES} of them",
+    "content": 'must be a string or a list of {"type": "text", "text": ...} parts',
+}
+
+
+def _branch(part: Any) -> bool:
+    """A union branch's name in an error location ("constrained-str", "list[int]"), not a field."""
+    return isinstance(part, str) and (any(c in part for c in "[]-") or part in ("str", "int", "float", "bool"))
 
 
 def describe_validation_error(errors: List[Dict[str, Any]]) -> tuple[str, Optional[str]]:
@@ -137,6 +358,20 @@ def describe_validation_error(errors: List[Dict[str, Any]]) -> tuple[str, Option
     if kind == "json_invalid":
         detail = (err.get("ctx") or {}).get("error", "JSON decode error")
         return f"the request body is not valid JSON: {detail} (at character {loc[0] if loc else '?'})", None
+    hint = None
+    branch = next((i for i, part in enumerate(loc) if _branch(part)), None)
+    if branch is not None:
+        # A union: report the branch that got furthest, or what the field takes if every branch
+        # failed on the type alone.
+        field = loc[:branch]
+        same = [e for e in errors if [p for p in e.get("loc", ()) if p != "body"][:branch] == field]
+        deep = [e for e in same if not e.get("type", "").endswith(("_type", "literal_error"))]
+        if deep:
+            err = max(deep, key=lambda e: len(e.get("loc", ())))
+            loc = [p for p in err.get("loc", ()) if p != "body" and not _branch(p)]
+            kind = err.get("type", "")
+        else:
+            loc, hint = field, UNION_HINTS.get(str(field[-1]) if field else "", "has the wrong type")
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
     if param is None:
         if kind == "missing":
@@ -146,5 +381,9 @@ def describe_validation_error(errors: List[Dict[str, Any]]) -> tuple[str, Option
         return f"missing required parameter: '{param}'", param
     if kind == "extra_forbidden":
         return f"unrecognized request argument supplied: '{param}'", param
-    message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if kind == "string_too_short":
+        return f"invalid value for '{param}': is empty", param
+    if kind == "string_unicode":
+        return f"invalid value for '{param}': is not valid Unicode (a lone surrogate such as \\ud800)", param
+    message = hint or str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     return f"invalid value for '{param}': {message}", param

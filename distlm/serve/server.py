@@ -1,4 +1,5 @@
-"""`distlm serve`: start (or join) Ray, run the app behind Ray Serve's HTTP proxy, block until Ctrl-C."""
+"""`distlm serve`: start (or join) Ray, run the app behind Ray Serve's HTTP proxy, block until
+Ctrl-C or SIGTERM; either drains the replicas' requests, then stops."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import time
 from typing import Optional, TextIO
 
 from distlm.config import ConfigError, ServeConfig
+from distlm.export import ExportInfo
 from distlm.serve.app import build, resolve_api_key
-from distlm.serve.model import ExportInfo
+from distlm.serve.proxy import CALLBACK, CALLBACK_ENV
 
 
 def base_url(cfg: ServeConfig) -> str:
@@ -39,6 +41,8 @@ def init_ray(cfg: ServeConfig, ray_address: Optional[str] = None) -> bool:
 
     if not ray.is_initialized() and not (ray_address or os.environ.get("RAY_ADDRESS")):
         _check_port_free(cfg.host, cfg.port)  # before Ray takes seconds to start
+        # Ray's processes inherit it: the HTTP proxy answers overload and its other errors in JSON.
+        os.environ.setdefault(CALLBACK_ENV, CALLBACK)
     return start_or_join(ray_address, cfg.num_cpus * (cfg.max_replicas or cfg.num_replicas))
 
 
@@ -52,29 +56,36 @@ def deploy(export: ExportInfo, cfg: ServeConfig) -> None:
 
 
 def stop(cfg: ServeConfig, started_ray: bool) -> None:
+    """Drain, then stop: deleting the application lets each replica finish its requests (for at most
+    serve.graceful_shutdown_timeout_s) while the proxy still relays their answers."""
     import ray
     from ray import serve
 
-    if started_ray:
-        serve.shutdown()
-    else:  # a shared cluster: remove only our application
+    try:
         serve.delete(cfg.app_name)
-    ray.shutdown()
+    finally:
+        if started_ray:
+            serve.shutdown()
+        ray.shutdown()
 
 
 def banner(export: ExportInfo, cfg: ServeConfig) -> str:
     url = base_url(cfg)
     body = json.dumps({"model": export.name, "prompt": "def main(", "max_tokens": 16})
     auth = f" -H 'Authorization: Bearer '\"${cfg.api_key_env}\"" if resolve_api_key(cfg) else ""
+    from distlm.serve.engines import choose_engine
+
+    engine, why = choose_engine(export, cfg.engine)
     lines = [
         f"distlm serve: {url}/v1 (OpenAI-style API; Ray Serve app '{cfg.app_name}')",
         f"models: {', '.join(export.model_ids)}"
         + (f" ({export.name} is the agent: its router picks the task per request)" if export.router else ""),
+        f"engine: {engine}" + (f" ({why})" if why else ""),
         "try:",
         f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}",
         f'  python -c \'from openai import OpenAI; print(OpenAI(base_url="{url}/v1", api_key="...")'
         f'.completions.create(model="{export.name}", prompt="def main(").choices[0].text)\'',
-        "Ctrl-C stops the server.",
+        "Ctrl-C (or SIGTERM) finishes the requests in flight and stops the server.",
     ]
     return "\n".join(lines)
 
@@ -91,9 +102,12 @@ def serve_forever(
         raise KeyboardInterrupt
 
     # Explicit handlers: a parent (nohup, a non-interactive shell's `&`) may have left SIGINT ignored.
+    # Set again once Ray is up: ray.init installs its own SIGTERM handler, which exits at once.
     signal.signal(signal.SIGINT, terminate)
     signal.signal(signal.SIGTERM, terminate)
     started_ray = init_ray(cfg, ray_address)
+    signal.signal(signal.SIGINT, terminate)
+    signal.signal(signal.SIGTERM, terminate)
     try:
         deploy(export, cfg)
         print(banner(export, cfg), file=out, flush=True)

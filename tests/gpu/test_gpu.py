@@ -7,6 +7,7 @@ a GPU the suite stops with one message rather than skipping its tests one by one
 
 from __future__ import annotations
 
+import asyncio
 import math
 import sys
 from pathlib import Path
@@ -104,16 +105,24 @@ def test_serving_on_the_gpu_equals_generate(tmp_path, ray_gpus):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distlm.export import find_export
-    from distlm.serve.model import GenerationRequest, SamplingParams, ServedModel
+    from distlm.serve.engines import GenerationRequest, SamplingParams
+    from distlm.serve.engines.hf import HFEngine
 
     _, summary, _ = _train(tmp_path, ["trainer.max_steps=4"])
     export = find_export(summary["export"])
-    served = ServedModel(export, "cuda", torch.bfloat16)
+    served = HFEngine(export, "cuda", torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(export.path)
     model = AutoModelForCausalLM.from_pretrained(export.path, dtype=torch.bfloat16).cuda().eval()
     prompts = ["def main(", "import os\n", "class A:"]
     requests = [GenerationRequest(tokenizer(p).input_ids, SamplingParams(max_tokens=8, temperature=0)) for p in prompts]
-    for prompt, events in zip(prompts, served.generate(requests)):
+
+    async def answers():  # submitted together: one batch
+        async def events(request):
+            return [e async for e in served.generate(request)]
+
+        return await asyncio.gather(*(events(r) for r in requests))
+
+    for prompt, events in zip(prompts, asyncio.run(answers())):
         ids = tokenizer(prompt, return_tensors="pt").input_ids.cuda()
         expected = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist()
         got = [e.token_id for e in events]
