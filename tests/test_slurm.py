@@ -121,41 +121,40 @@ def test_failed_job_reaches_the_user(slurm, tmp_path):
     assert "distlm: training exited with code 2" in result.stdout
 
 
-@pytest.mark.parametrize(
-    "scancel",
-    [
-        # The user's kill: Slurm signals the job steps (the Ray nodes), whose wrapper relays it.
-        ["--signal=TERM"],
-        # What Slurm does before preemption or the time limit (#SBATCH --signal=B:TERM@<grace>).
-        ["--batch", "--signal=TERM"],
-    ],
-    ids=["steps", "batch"],
-)
-def test_sigterm_checkpoints_and_the_requeued_job_resumes(slurm, completed, tmp_path, scancel):
+def test_sigterm_checkpoints_and_the_requeued_job_resumes(slurm, completed, tmp_path):
+    """Two SIGTERMs to one job, each a case of its own: first what Slurm sends before preemption
+    or the time limit (`--batch`: the batch script, as `#SBATCH --signal=B:TERM@<grace>` does),
+    then, once the requeued job trains again, the user's kill (Slurm signals the job steps, the
+    Ray nodes, whose wrapper relays it). Each time the run checkpoints at the step it reached,
+    the job is requeued and resumes from that checkpoint."""
     run_dir = tmp_path / "run"
-    submitted = run_cli("launch", "slurm", *RUN, f"hydra.run.dir={run_dir}", timeout=120)
+    submitted = run_cli("launch", "slurm", *RUN, "trainer.keep_checkpoints=3", f"hydra.run.dir={run_dir}", timeout=120)
     assert submitted.returncode == 0, submitted.stderr
     job = Job(submitted.stdout.strip(), run_dir)
-    wait_for(lambda: len(train_losses(run_dir)) >= 1, 600, "the first step")
-    subprocess.run(["scancel", *scancel, job.job_id], check=True, timeout=60)
-    wait_for(lambda: job_state(job.job_id)["Restarts"] == "1", 300, "the job to be requeued")
-    assert job_state(job.job_id)["JobState"] in ("COMPLETING", "PENDING", "REQUEUED", "CONFIGURING", "RUNNING")
+    last_step = 0
+    for restarts, scancel in enumerate((["--batch", "--signal=TERM"], ["--signal=TERM"]), 1):
+        wait_for(
+            lambda after=last_step: max(train_losses(run_dir), default=0) > after, 600, f"a step after step {last_step}"
+        )
+        subprocess.run(["scancel", *scancel, job.job_id], check=True, timeout=60)
+        wait_for(lambda n=restarts: job_state(job.job_id)["Restarts"] == str(n), 300, f"requeue {restarts}")
+        last_step = max(train_losses(run_dir))
     # Slurm holds the requeued job for cred_expire (10 s in the test cluster) and starts it.
     with open(tmp_path / "follow.log", "w") as out:
         assert follow(job, out=out, poll_s=1) == 0, job.log.read_text()[-3000:]
 
     log = job.log.read_text()
-    stopped = [line for line in log.splitlines() if "stopped by SIGTERM at step" in line]
-    assert len(stopped) == 1, log[-3000:]
-    step = int(stopped[0].split("at step ")[1].split()[0])
-    assert 1 <= step < 60
-    assert "requeueing job" in log and "(restart 1)" in log
-    if "--batch" not in scancel:
-        ray_logs = "".join(f.read_text() for f in run_dir.glob(f"slurm-{job.job_id}-ray-*.out"))
-        assert "SIGTERM to the Ray node step: relayed" in ray_logs, ray_logs[-3000:]
-    # The SIGTERM checkpoint (not a periodic one) is what the requeued job resumed from: each
+    steps = [
+        int(line.split("at step ")[1].split()[0]) for line in log.splitlines() if "stopped by SIGTERM at step" in line
+    ]
+    assert len(steps) == 2 and 1 <= steps[0] < steps[1] < 60, log[-3000:]
+    assert log.count("requeueing job") == 2 and "(restart 1)" in log and "(restart 2)" in log, log[-3000:]
+    ray_logs = "".join(f.read_text() for f in run_dir.glob(f"slurm-{job.job_id}-ray-*.out"))
+    assert "SIGTERM to the Ray node step: relayed" in ray_logs, ray_logs[-3000:]
+    # The SIGTERM checkpoints (not periodic ones) are what the requeued jobs resumed from: each
     # step ran once, and the losses equal those of the uninterrupted run.
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [f"step_{step:08d}", "step_00000060"]
+    expected_checkpoints = [f"step_{s:08d}" for s in (*steps, 60)]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == expected_checkpoints
     logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sorted(s for s in logged if s > 0) == list(range(1, 61)), logged
     expected = train_losses(completed[0])

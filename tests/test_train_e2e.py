@@ -344,7 +344,9 @@ def test_a_stalled_rank_is_found_at_the_collective_timeout_and_the_run_restarts(
         assert survived[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
 
 
-@pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3"])
+# ZeRO-1 is left out: DeepSpeed saves and converts it with ZeRO-2's code (one optimizer,
+# stage_1_and_2.py, one checkpoint layout), so it would take 2 minutes to test the same path.
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_resume_on_another_number_of_workers_continues_the_same_run(zero, tmp_path, ray_session):
     """Steps 1-4 on 2 workers, 5-8 on 1, 9-12 on 2 again, each run resuming the previous one's last
     checkpoint (a constant learning rate, so that stopping at step 4 or 8 changes no schedule): the
