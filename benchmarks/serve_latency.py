@@ -144,7 +144,9 @@ def start_server(peer: str, export, args, python: str, logs: Path) -> Server:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DISTLM_API_KEY")}
     env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gb)
     if peer == "vllm-own":
-        command = [python, "-m", "vllm.entrypoints.cli.main", "serve", export.path, "--port", str(port)]
+        # What `vllm serve` runs; the `vllm` command itself needs the dist to be named vllm (vllm-cpu is not).
+        command = [python, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", export.path]
+        command += ["--port", str(port)]
         command += ["--served-model-name", export.name, "--dtype", "float32", "--max-num-seqs", str(args.batch_size)]
         command += ["--disable-log-stats", "--seed", "0"]
         server = Server(peer, command, port, export.name, env, logs / f"{peer}.log")
@@ -277,7 +279,11 @@ def main() -> int:
     for peer in peers:
         python = with_vllm if peer in ("vllm", "vllm-own") else sys.executable
         t0 = time.time()
-        server = start_server(peer, export, args, python, logs)
+        try:
+            server = start_server(peer, export, args, python, logs)
+        except RuntimeError as e:  # one server that fails to start leaves the others' rows
+            print(f"{peer}: {e}", flush=True)
+            continue
         print(f"{peer}: ready in {time.time() - t0:.0f} s (load average {os.getloadavg()[0]:.2f})", flush=True)
         texts[peer] = {}
         try:
