@@ -222,17 +222,23 @@ def test_engine_batches_mixed_adapters_and_joins_running_batches(run_dir, refere
     cases += [(PROMPTS[1], None, 9), (PROMPTS[0], "beta", 14)]
     times = {}
 
-    async def run(i, case):
+    async def run(i, case, started):
         prompt, adapter, n = case
-        await asyncio.sleep(0.05 * i)  # staggered: each arrives while earlier ones decode
+        # Staggered: each arrives once the one before it has its first token, so while earlier
+        # ones decode, however fast or slow the machine is (a fixed delay was not: request 0
+        # could finish before request 4 arrived).
+        if i:
+            await started[i - 1].wait()
         events = []
         async for event in engine.generate(_request(engine, prompt, adapter, n, ignore_eos=True)):
             times.setdefault(i, []).append(time.monotonic())
+            started[i].set()
             events.append(event)
         return events
 
     async def main():
-        return await asyncio.gather(*(run(i, c) for i, c in enumerate(cases)))
+        started = [asyncio.Event() for _ in cases]
+        return await asyncio.gather(*(run(i, c, started) for i, c in enumerate(cases)))
 
     results = asyncio.run(main())
     for (prompt, adapter, n), events in zip(cases, results):
