@@ -22,6 +22,13 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _process_start() -> float:
+    """When this command started (the start-up report counts from there, imports included)."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
@@ -44,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     try:
-        summary = driver.run(cfg, console, verbose=args.verbose, overrides=args.overrides)
+        summary = driver.run(cfg, console, verbose=args.verbose, overrides=args.overrides, started=_process_start())
     except ConfigError as e:  # problems found on the driver after composition (data files, ...)
         return _fail(str(e), EXIT_CONFIG)
     except driver.Preempted as e:

@@ -78,6 +78,11 @@ class ZeroConfig:
     offload_params: bool = False
     overlap_comm: bool = False
     reduce_bucket_size: int = 50_000_000
+    # ZeRO-1/2 shard across workers: one worker has nothing to shard, and DeepSpeed's ZeRO optimizer
+    # would only add gradient copies and hooks to its every step. false: a run of one worker (and
+    # its resumes) trains without ZeRO, as torchtitan applies FSDP only with more than one
+    # data-parallel rank. true: ZeRO-1/2 even then. ZeRO-3 and offloading are always kept.
+    shard_single_worker: bool = False
     # ZeRO-3 runs the optimizer step over sub-groups of this many values: its copies of the
     # gradients and Adam's temporaries are one sub-group's size, not the whole partition's.
     sub_group_size: int = 50_000_000
@@ -172,6 +177,9 @@ class ClusterConfig:
     # Memory one worker may use (GB: RAM on CPU workers, GPU memory on GPU workers) for the memory
     # pre-flight; None = what this machine or the Ray cluster has (unknown for remote GPUs: not checked).
     memory_per_worker_gb: Optional[float] = None
+    # Ray's dashboard on a Ray that distlm starts here (a joined cluster keeps its own): off by
+    # default, as its processes cost a second and a core's worth of start-up on small machines.
+    dashboard: bool = False
     # Where Ray Train persists checkpoints (shared filesystem or s3://...); None = run dir.
     storage_path: Optional[str] = None
     # Multi-node launchers (distlm launch slurm|k8s): nodes to allocate and what each one has.

@@ -18,8 +18,16 @@ from distlm.failures import FAILURE_LOG
 CHECKPOINTS = "checkpoints"
 
 
-def run(cfg: Config, console=None, verbose: bool = False, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+def run(
+    cfg: Config,
+    console=None,
+    verbose: bool = False,
+    overrides: Sequence[str] = (),
+    started: Optional[float] = None,
+) -> Dict[str, Any]:
     """Train, export and plot. Returns a summary; raises on failure after Ray's retries.
+    started: the start-up report's zero (time.time()): the command's start for `distlm train`,
+    else this call.
 
     The console shows distlm's own lines; what Ray, DeepSpeed, torch and the workers print goes
     to <run>/logs/rank<r>.log (verbose=True: to the console as well, as Ray streams it)."""
@@ -27,6 +35,7 @@ def run(cfg: Config, console=None, verbose: bool = False, overrides: Sequence[st
 
     from distlm.checkpoint import checkpoint_step
 
+    started = started or time.time()
     console = console or Console(stderr=True)
     run_dir = Path(cfg.run_dir).resolve()
     storage = cfg.cluster.storage_path or str(run_dir)
@@ -62,22 +71,25 @@ def run(cfg: Config, console=None, verbose: bool = False, overrides: Sequence[st
 
     from distlm.failures import controller_callback
     from distlm.tracking import MetricsSink
-    from distlm.worker import train_worker
 
     init_ray(cfg, verbose)
     runtime = resolve_runtime(cfg.cluster, cuda_available=_cluster_has_gpus())
     if joined:
         plan = _preflight(cfg, runtime, joined, console)
-    console.log(
-        f"runtime: {cfg.cluster.num_workers} workers on {runtime.device}, {runtime.backend}, {runtime.precision}, ZeRO-{cfg.zero.stage}"
-    )
-    resume_from = None
+    resume_from, resumed = None, None
     if resuming:
         from distlm.checkpoint import find_resumable
 
         # A damaged or missing newest checkpoint: resume from the newest intact one, saying so.
         resume_from = find_resumable(checkpoints, lambda line: console.log(f"[yellow]checkpoints:[/] {line}"))
-        _check_resume(resume_from or _newest_registered(checkpoints), cfg, console)
+        resumed = resume_from or _newest_registered(checkpoints)
+    note = _single_worker_zero(cfg, resumed)
+    console.log(
+        f"runtime: {cfg.cluster.num_workers} workers on {runtime.device}, {runtime.backend}, {runtime.precision}, "
+        f"ZeRO-{cfg.zero.stage}{note}"
+    )
+    if resuming:
+        _check_resume(resumed, cfg, console)
     # Only now, with every driver-side check passed: a refused command leaves an existing run's config as it was.
     _save_config(cfg, run_dir, overrides)
     sink = ray.remote(num_cpus=0)(MetricsSink).remote()
@@ -119,6 +131,7 @@ def run(cfg: Config, console=None, verbose: bool = False, overrides: Sequence[st
                 f"metrics.jsonl: {recovered} records the interrupted run had not written, read back from its checkpoints"
             )
     error = None
+    fit_called = time.time()
     with _StopOnSigterm(sink, console) as stop, _Progress(sink, metrics_path, cfg.trainer.max_steps, console):
         try:
             result = trainer.fit()
@@ -128,6 +141,7 @@ def run(cfg: Config, console=None, verbose: bool = False, overrides: Sequence[st
     placement = ray.get(sink.placement_by_rank.remote(), timeout=60)
     (run_dir / "placement.json").write_text(json.dumps(placement, indent=2))
     _write_memory(run_dir, ray.get(sink.memory_by_rank.remote(), timeout=60), plan, console)
+    startup = _startup(ray.get(sink.startup_times.remote(), timeout=60), started, fit_called, console)
     restarts = _raise_on_failure(sink, run_dir, error or result.error, placement, metrics_path)
     if restarts:
         console.log(
@@ -152,6 +166,7 @@ def run(cfg: Config, console=None, verbose: bool = False, overrides: Sequence[st
         "checkpoint": checkpoint,
         "export": None,
         "restarts": restarts,
+        "startup_s": startup,
         **_last_losses(metrics_path),
     }
     if cfg.task.tasks:
@@ -191,6 +206,61 @@ def run(cfg: Config, console=None, verbose: bool = False, overrides: Sequence[st
         summary["agent"] = {"metrics": metrics, "tasks": examples, "adapters": adapters}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def train_worker(config: Dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker: distlm.worker.train_worker, imported there, so this
+    process never imports torch's training stack, DeepSpeed or peft just to name the function."""
+    from distlm.worker import train_worker as run
+
+    run(config)
+
+
+def _startup(times: Dict[str, float], started: float, fit_called: float, console) -> Dict[str, float]:
+    """Where the time from the command to the first training step went, from rank 0's clock on the
+    first start of the worker group (logged; in summary.json). Wall clocks of one machine or of
+    NTP-synchronised nodes: good to a fraction of a second."""
+    if not times:
+        return {}  # no worker reached its first step
+    parts = {
+        "first_step": times["first_step"] - started,
+        "driver": fit_called - started,  # imports, config, data, Ray's start (or joining it)
+        "worker_group": times["worker"] - fit_called,  # Ray Train's controller and workers, their imports
+        "build": times["built"] - times["worker"],  # model, adapters, DeepSpeed
+        "step0": times["first_step"] - times["built"],  # checkpoint load, tracker, the step-0 evaluation
+    }
+    parts = {k: round(v, 2) for k, v in parts.items()}
+    console.log(
+        f"start-up: first step {parts['first_step']:.1f} s after the command (driver and Ray {parts['driver']:.1f} s, "
+        f"worker group {parts['worker_group']:.1f} s, model and DeepSpeed {parts['build']:.1f} s, "
+        f"step-0 evaluation {parts['step0']:.1f} s)"
+    )
+    return parts
+
+
+def _single_worker_zero(cfg: Config, resumed: Optional[str]) -> str:
+    """ZeRO-1/2 with one worker shards nothing: such a run trains without ZeRO (zero.shard_single_worker),
+    and so do its resumes on any number of workers (a ZeRO-0 checkpoint is whole, not the shards a
+    ZeRO optimizer loads). A resume of a ZeRO checkpoint keeps its stage. The stage chosen is in
+    cfg, which the workers get; the return value is the console's note."""
+    zero = cfg.zero
+    if zero.stage not in (1, 2) or zero.offload_optimizer or zero.shard_single_worker:
+        return ""
+    if resumed is not None:
+        from distlm.checkpoint import read_manifest
+
+        manifest = read_manifest(resumed)
+        if manifest["zero_stage"] != 0:
+            return ""
+        configured, zero.stage = zero.stage, 0
+        return (
+            f" (zero.stage={configured}, but {Path(resumed).name} was written without ZeRO by "
+            f"{manifest['world_size']} worker(s): the run goes on without it)"
+        )
+    if cfg.cluster.num_workers != 1:
+        return ""
+    configured, zero.stage = zero.stage, 0
+    return f" (zero.stage={configured} has nothing to shard on 1 worker; zero.shard_single_worker=true keeps it)"
 
 
 def _newest_registered(checkpoints: Path) -> Optional[str]:
@@ -475,7 +545,8 @@ def init_ray(cfg: Config, verbose: bool = False) -> None:
     # Ray Train's controller and workers log plain lines (to the run's logs) rather than JSON.
     for key in ["RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING"]:
         os.environ.setdefault(key, "0")
-    start_or_join(cfg.cluster.address, cfg.cluster.num_workers * cfg.cluster.cpus_per_worker, quiet=not verbose)
+    cpus = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+    start_or_join(cfg.cluster.address, cpus, quiet=not verbose, dashboard=cfg.cluster.dashboard)
 
 
 def _cluster_has_gpus() -> bool:

@@ -146,6 +146,7 @@ class Engine:
         self.zero, self.trainer = zero, trainer
         self.ds_config = build_ds_config(zero, trainer, runtime, world_size)
         self.accum_steps = self.ds_config["gradient_accumulation_steps"]
+        self.world_size = world_size
         # DeepSpeed's communication layer adopts the process group Ray Train set up; zero.Init
         # needs it before the model exists (deepspeed.initialize would do it only later).
         deepspeed.init_distributed(dist_backend=runtime.backend)
@@ -193,6 +194,10 @@ class Engine:
             self.ds.optimizer.check_grad_overflow = True
         if zero.stage == 3 and not zero.offload_optimizer:
             _share_master_weights(self.ds.optimizer)
+        if zero.stage == 0 and self.world_size == 1:
+            # One rank has nothing to average: DeepSpeed would still flatten every gradient into
+            # buckets, all-reduce them with itself and copy them back, each step.
+            self.ds.enable_backward_allreduce = False
 
     @property
     def module(self) -> torch.nn.Module:

@@ -23,7 +23,7 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 DETERMINISTIC, INFRASTRUCTURE = "deterministic", "infrastructure"
 FAILURE_LOG = "logs/failure.log"
@@ -90,6 +90,8 @@ class Where:
     step: int = 0
     phase: str = "start-up"
     since: float = field(default_factory=time.time)
+    # The tracker's flush: what rank 0 logged before a failure reaches the driver's metrics.jsonl.
+    flush: Optional[Callable[[], None]] = None
 
     def at(self, phase: str, step: Optional[int] = None) -> None:
         self.phase, self.since = phase, time.time()

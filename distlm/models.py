@@ -61,6 +61,13 @@ def build_config(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_token_id: 
         sizes["head_dim"] = cfg.hidden_size // cfg.num_heads
     for key, value in sizes.items():
         setattr(hf, key, value)
+    layer_types = getattr(hf, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) != cfg.num_layers:
+        # Per-layer attention types (qwen2, ...) were listed for the default depth when the config
+        # was made; transformers refuses to save such a config. Made again for the new depth.
+        fields = hf.to_dict()
+        fields.pop("layer_types")
+        hf = type(hf).from_dict(fields)
     # Pretraining from scratch uses no dropout (as modern LMs do); it also keeps runs
     # on different worker counts numerically comparable. `model.extra` can set it back.
     for key in list(hf.to_dict()):

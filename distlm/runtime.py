@@ -91,11 +91,12 @@ def apply_collective_timeout(seconds: int) -> None:
     c10d.default_pg_nccl_timeout = timedelta(seconds=seconds)
 
 
-def init_ray(address: Optional[str], cpus_needed: float, quiet: bool = False) -> bool:
+def init_ray(address: Optional[str], cpus_needed: float, quiet: bool = False, dashboard: Optional[bool] = None) -> bool:
     """Join the Ray cluster at `address` (or $RAY_ADDRESS), else start one here with at least
     `cpus_needed` CPUs (more than the machine's cores when a run asks for them: Ray's CPUs are
     counts for scheduling). quiet: Ray's start-up lines and the actors' output stay off the
-    console. True when this process started the cluster."""
+    console. dashboard: Ray's dashboard on a cluster started here (None: Ray's default, on when installed). True when this process started
+    the cluster."""
     import logging
 
     import ray
@@ -107,7 +108,7 @@ def init_ray(address: Optional[str], cpus_needed: float, quiet: bool = False) ->
     if address:
         ray.init(address=address, **kwargs)
         return False
-    ray.init(num_cpus=max(math.ceil(cpus_needed), os.cpu_count() or 1), **kwargs)
+    ray.init(num_cpus=max(math.ceil(cpus_needed), os.cpu_count() or 1), include_dashboard=dashboard, **kwargs)
     return True
 
 

@@ -32,10 +32,16 @@ class NullTracker:
 
 
 class Tracker:
-    """Rank 0's tracker: W&B (if enabled) plus a push to the driver's metrics sink."""
+    """Rank 0's tracker: W&B (if enabled) plus a push to the driver's metrics sink, at most every
+    SEND_EVERY_S seconds (and at every checkpoint and the end): with trainer.log_every=1 a remote
+    call per step would cost the step time on a busy machine, and the driver draws twice a second."""
+
+    SEND_EVERY_S = 0.5
 
     def __init__(self, cfg: TrackingConfig, run_dir: str, run_id: Optional[str], config: Dict[str, Any], sink=None):
         self.sink = sink
+        self.unsent: List[Dict[str, Any]] = []
+        self.sent_at = 0.0
         self.wandb = None
         self.run_id = run_id
         # Records since the last checkpoint: saved in it, so that a driver killed before it wrote
@@ -64,14 +70,25 @@ class Tracker:
             self.wandb.log(metrics, step=step)
         self.unsaved.append({"step": step, **metrics})
         if self.sink is not None:
-            # Fire and forget: the driver writes metrics.jsonl and drives the progress bar.
-            self.sink.put.remote({"step": step, **metrics})
+            self.unsent.append({"step": step, **metrics})
+            if time.monotonic() - self.sent_at >= self.SEND_EVERY_S:
+                self.flush()
+
+    def flush(self) -> None:
+        """Fire and forget: the driver writes metrics.jsonl and drives the progress bar."""
+        if self.unsent:
+            self.sink.put_many.remote(self.unsent)
+            self.unsent = []
+        self.sent_at = time.monotonic()
 
     def take_unsaved(self) -> List[Dict[str, Any]]:
+        self.flush()  # a checkpoint: the driver has every record up to it
         out, self.unsaved = self.unsaved, []
         return out
 
     def finish(self) -> None:
+        if self.sink is not None:
+            self.flush()
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
@@ -96,12 +113,16 @@ class MetricsSink:
         self.stop = False
         self.failures: List[Dict[str, Any]] = []  # distlm.failures.failure_record, in order
         self.starts = 0  # worker group starts (1 + restarts)
+        self.startup: Dict[str, float] = {}  # rank 0's clock on the first start (distlm.worker)
         self.warnings: List[str] = []
         self.beats: Dict[int, Dict[str, Any]] = {}  # each rank's last heartbeat (distlm.failures.Heartbeat)
         self.controller_handle = None  # Ray Train's controller (distlm.failures.controller_callback)
 
     def put(self, record: Dict[str, Any]) -> None:
         self.records.append(record)
+
+    def put_many(self, records: List[Dict[str, Any]]) -> None:
+        self.records.extend(records)
 
     def drain(self) -> List[Dict[str, Any]]:
         out, self.records = self.records, []
@@ -144,6 +165,12 @@ class MetricsSink:
 
     def start_count(self) -> int:
         return self.starts
+
+    def put_startup(self, times: Dict[str, float]) -> None:
+        self.startup = self.startup or times  # the first start's: a restart is not a cold start
+
+    def startup_times(self) -> Dict[str, float]:
+        return dict(self.startup)
 
     def put_warning(self, text: str) -> None:
         self.warnings.append(text)
@@ -250,15 +277,19 @@ class StopSignal:
     The loop sums the value over ranks with its per-step all-reduce, so every rank stops
     after the same step."""
 
+    ASK_EVERY_S = 1.0  # a remote call per logged step would cost the step time on a busy machine
+
     def __init__(self, sink, rank: int):
         self.sink = sink if rank == 0 else None
         self.pending = None
+        self.asked_at = 0.0
 
     def poll(self) -> float:
-        if self.sink is None:
+        if self.sink is None or time.monotonic() - self.asked_at < self.ASK_EVERY_S:
             return 0.0
         import ray
 
+        self.asked_at = time.monotonic()
         if self.pending is not None:
             ready, _ = ray.wait([self.pending], timeout=0)
             if not ready:

@@ -54,20 +54,23 @@ from distlm.tracking import (
 def train_worker(config: Dict[str, Any]) -> None:
     """Ray Train's entry point on every worker: the loop, and what a failure in it means (see
     distlm.failures: a deterministic one ends the run everywhere, an infrastructure one restarts)."""
+    entered = time.time()  # the start-up report's clock (wall time: the driver's is another process)
     where = Where()
     rank = ray.train.get_context().get_world_rank()
     if config.get("log_dir"):
         _output_to_file(Path(config["log_dir"]) / f"rank{rank}.log", rank)
     heartbeat = Heartbeat(config.get("sink"), rank, where)
     try:
-        _train(config, where)
+        _train(config, where, entered)
     except Exception as e:  # noqa: BLE001 - classified, reported, and re-raised if worth a restart
+        if where.flush is not None:
+            where.flush()
         handle_worker_error(e, config.get("sink"), rank, where)
     finally:
         heartbeat.stop()
 
 
-def _train(config: Dict[str, Any], where: Where) -> None:
+def _train(config: Dict[str, Any], where: Where, entered: float) -> None:
     cfg: Config = config["cfg"]
     tr, seq_len = cfg.trainer, cfg.data.seq_len
     ctx = ray.train.get_context()
@@ -110,6 +113,7 @@ def _train(config: Dict[str, Any], where: Where) -> None:
         model = TaskModel(lm, heads, layers)
     engine.prepare(model, adapters.param_groups(model, cfg.adapter, list(tasks), tr.weight_decay))
     release_free_memory()
+    built = time.time()
 
     def activate(task: Optional[str]) -> None:
         """Route the step through `task`'s layers; the optimizer leaves other tasks' layers alone."""
@@ -165,6 +169,7 @@ def _train(config: Dict[str, Any], where: Where) -> None:
 
     tracker = make_tracker(cfg.tracking, rank, cfg.run_dir, state.tracker_run_id, _flat_config(cfg), sink)
     state.tracker_run_id = tracker.run_id
+    where.flush = getattr(tracker, "flush", None) if sink is not None else None
     peak_flops = measure_matmul_peak(engine.device, runtime.dtype)
     stop = StopSignal(sink, rank)
 
@@ -178,6 +183,8 @@ def _train(config: Dict[str, Any], where: Where) -> None:
     faults = Faults(rank, cfg.run_dir)  # test-only fault injection; nothing unless its variable is set
     saved_step = state.step if checkpoint is not None else None  # the newest checkpoint (for rollback)
     memory_reported = False
+    if sink is not None and rank == 0:  # where the start-up went (the driver reports it once)
+        sink.put_startup.remote({"worker": entered, "built": built, "first_step": time.time()})
     while state.step < tr.max_steps:
         where.at("training", state.step + 1)
         faults.before_step(state.step + 1)

@@ -27,6 +27,9 @@ def test_model_presets_build_and_run(preset, tmp_path):
     # A fresh model predicts roughly uniformly: loss near ln(vocab).
     assert abs(out.loss.item() - math.log(512)) < 1.0
     assert flops_per_token(model, 32) > 6 * 512 * cfg.model.hidden_size
+    # What every checkpoint and export writes: transformers validates the config as it saves it.
+    model.config.save_pretrained(tmp_path / "saved")
+    assert type(model.config).from_pretrained(tmp_path / "saved").num_hidden_layers == cfg.model.num_layers
 
 
 def test_random_init_is_identical_for_the_same_seed(tmp_path):
@@ -151,3 +154,33 @@ def test_records_lost_by_a_killed_driver_come_back_from_the_checkpoints(tmp_path
     assert recover_records(checkpoints, metrics) == 3
     assert [r["step"] for r in read_metrics(str(metrics))] == list(range(1, 21))
     assert recover_records(checkpoints, metrics) == 0
+
+
+@pytest.mark.parametrize(
+    "overrides, written, stage",
+    [
+        ([], None, 0),  # one worker: nothing to shard
+        (["zero=zero1"], None, 0),
+        (["zero.shard_single_worker=true"], None, 2),
+        (["zero=zero3"], None, 3),  # ZeRO-3 builds models straight into partitions: always kept
+        (["zero.offload_optimizer=true"], None, 2),
+        (["cluster.num_workers=2"], None, 2),
+        (["cluster.num_workers=2"], (0, 1), 0),  # a one-worker run's checkpoint is whole: goes on without ZeRO
+        ([], (2, 2), 2),  # a ZeRO-2 checkpoint of 2 workers resumed on 1: its universal form, under ZeRO-2
+    ],
+)
+def test_one_worker_trains_without_zero_and_its_resumes_follow_the_checkpoint(overrides, written, stage, tmp_path):
+    import json
+
+    from distlm.driver import _single_worker_zero
+
+    cfg, _ = compose(["cluster.num_workers=1", "trainer.global_batch_size=16", *overrides])
+    checkpoint = None
+    if written is not None:
+        checkpoint = tmp_path / "step_00000004"
+        checkpoint.mkdir()
+        (checkpoint / "manifest.json").write_text(json.dumps({"zero_stage": written[0], "world_size": written[1]}))
+    note = _single_worker_zero(cfg, None if checkpoint is None else str(checkpoint))
+    assert cfg.zero.stage == stage
+    configured = {"zero=zero1": 1, "zero=zero3": 3}.get(next(iter(overrides), ""), 2)
+    assert bool(note) == (stage != configured)  # the console says when the stage differs from the config
