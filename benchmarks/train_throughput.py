@@ -58,6 +58,9 @@ def warmup_steps(steps: int) -> int:
 # ----------------------------------------------------------------------------- workers
 
 
+FIRST_STEP: dict[str, float] = {}
+
+
 def _timed_steps(cfg, data, rank: int, world: int, micro_step: Callable, optimizer_step: Callable) -> list[float]:
     """The same per-step clock as distlm's loop: from fetching the batch to the optimizer step."""
     import torch
@@ -68,6 +71,7 @@ def _timed_steps(cfg, data, rank: int, world: int, micro_step: Callable, optimiz
     blocks = TokenBlocks(data.train_path, data.dtype, cfg.data.seq_len)
     sampler = ResumableSampler(len(blocks), tr.global_batch_size, tr.micro_batch_size, rank, world, tr.seed)
     times = []
+    FIRST_STEP["at"] = time.time()  # the start-up clock: launch to here
     for _ in range(tr.max_steps):
         start = time.perf_counter()
         for batch in sampler.next_batch():
@@ -122,18 +126,21 @@ def worker_b(cfg, data, threads: int) -> list[float] | None:
 
 
 def worker_c(cfg) -> list[float]:
+    import psutil
     import ray
 
     from distlm.driver import run
     from distlm.tracking import read_metrics
 
-    run(cfg)
+    started = psutil.Process().create_time()  # as `distlm train` counts: from the process's start
+    summary = run(cfg, started=started)
     ray.shutdown()  # part of what a user pays, so inside the wall time
+    FIRST_STEP["at"] = started + summary["startup_s"]["first_step"]  # distlm's own start-up report
     records = read_metrics(str(Path(cfg.run_dir) / "metrics.jsonl"))
     return [r["train/step_time_s"] for r in records if "train/step_time_s" in r]
 
 
-def worker_main(variant: str, workdir: Path, threads: int) -> None:
+def worker_main(variant: str, workdir: Path, threads: int, run_name: str, cold: bool) -> None:
     from distlm.config import compose
     from distlm.data import prepare_data
 
@@ -144,7 +151,9 @@ def worker_main(variant: str, workdir: Path, threads: int) -> None:
         procs = layout(variant, num_cores())[0]
         # cpus_per_worker is also what distlm sets each worker's torch threads to.
         overrides += [f"cluster.num_workers={procs}", f"cluster.cpus_per_worker={threads}"]
-        overrides += [f"hydra.run.dir={workdir / variant}"]
+        overrides += [f"hydra.run.dir={workdir / run_name}"]
+        if cold:  # a data cache of its own: the first run on a fresh machine tokenizes the corpus
+            overrides += [f"data.cache_dir={workdir / run_name / 'cache'}"]
     cfg, _ = compose(overrides)
     if variant == "a":
         times = worker_a(cfg, prepare_data(cfg.data, seed=cfg.trainer.seed, progress=False), threads)
@@ -153,7 +162,8 @@ def worker_main(variant: str, workdir: Path, threads: int) -> None:
     else:
         times = worker_c(cfg)  # run() prepares the data itself
     if times is not None:
-        (workdir / f"{variant}.json").write_text(json.dumps({"step_times": times}))
+        out = {"step_times": times, "first_step_at": FIRST_STEP["at"]}
+        (workdir / f"{run_name}.json").write_text(json.dumps(out))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -164,8 +174,10 @@ class Result:
     variant: str
     procs: int
     threads: int
+    round: int = 0
     error: str = ""
     wall_s: float = float("nan")
+    first_step_s: float = float("nan")  # launch to the first training step
     step_times: list[float] = field(default_factory=list)
     tokens_per_s: float = float("nan")  # from the median measured step
     tokens_per_s_mean: float = float("nan")  # from the total time of the measured steps
@@ -173,8 +185,9 @@ class Result:
     log: str = ""
 
 
-def _command(variant: str, workdir: Path, threads: int) -> list[str]:
+def _command(variant: str, workdir: Path, threads: int, run_name: str, cold: bool) -> list[str]:
     me = [str(Path(__file__).resolve()), "--worker", variant, "--workdir", str(workdir), "--threads", str(threads)]
+    me += ["--run-name", run_name] + (["--cold"] if cold else [])
     if variant != "b":
         return [sys.executable, *me]
     launcher = Path(sys.executable).with_name("deepspeed")  # the venv's launcher, not one on PATH
@@ -218,16 +231,29 @@ def _kill_session(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_variant(variant: str, workdir: Path, cores: int, steps: int, timeout: float) -> Result:
+def drop_page_cache() -> bool:
+    """What a fresh machine has: no library or data file in the page cache (root only)."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_variant(variant: str, workdir: Path, cores: int, steps: int, timeout: float, rnd: int, cold: bool) -> Result:
     procs, threads = layout(variant, cores)
-    res = Result(variant, procs, threads, log=str(workdir / f"{variant}.log"))
+    run_name = f"{variant}-r{rnd}"
+    res = Result(variant, procs, threads, round=rnd, log=str(workdir / f"{run_name}.log"))
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)  # c starts (and pays for) its own local Ray
-    start = time.perf_counter()
+    if cold:
+        drop_page_cache()
+    start, launched = time.perf_counter(), time.time()
     with open(res.log, "w") as log:
         # A session of its own: everything the variant starts can be found and stopped.
         proc = subprocess.Popen(
-            _command(variant, workdir, threads),
+            _command(variant, workdir, threads, run_name, cold),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -243,12 +269,13 @@ def run_variant(variant: str, workdir: Path, cores: int, steps: int, timeout: fl
             res.error = f"timed out after {timeout:.0f}s"
         finally:
             _kill_session(proc)
-    out = workdir / f"{variant}.json"
+    out = workdir / f"{run_name}.json"
     if not res.error:
         if not out.exists():
             res.error = f"exited 0 but wrote no {out.name}"
         else:
-            res.step_times = json.loads(out.read_text())["step_times"]
+            written = json.loads(out.read_text())
+            res.step_times, res.first_step_s = written["step_times"], written["first_step_at"] - launched
             if len(res.step_times) != steps:
                 res.error = f"timed {len(res.step_times)} of {steps} steps"
     return res
@@ -281,10 +308,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="write the results as JSON to this file")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per variant before it is killed")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, run dirs) even on success")
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="run the variants this many times, interleaved (a c1 b c2 a c1 ...); ratios are the median of the "
+        "rounds' ratios, so a machine that drifts over minutes moves both sides of each (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cold", action="store_true",
+        help="a fresh machine's start: the page cache dropped before each variant (root only) and a data cache of "
+        "their own for c1/c2 (the corpus is tokenized in their start-up)",
+    )  # fmt: skip
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. zero.overlap_comm=true")
     p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--run-name", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -312,33 +350,55 @@ def config_overrides(args: argparse.Namespace, workdir: Path, cores: int) -> lis
     ]  # fmt: skip
 
 
+def _median(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.median(values) if values else float("nan")
+
+
 def print_report(console, results: list[Result], warmup: int, steps: int) -> dict[str, float | None]:
     from rich.table import Table
 
-    table = Table(title=f"steady-state training throughput (median step of {warmup + 1}..{steps})")
-    for name in ("variant", "procs x threads", "tokens/s", "MFU", "step", "wall (incl. startup)"):
+    rounds = max(r.round for r in results) + 1
+    title = f"steady-state training throughput (median step of {warmup + 1}..{steps})"
+    table = Table(title=title + (f", median of {rounds} interleaved rounds" if rounds > 1 else ""))
+    for name in ("variant", "procs x threads", "tokens/s", "MFU", "step", "first step", "wall (incl. startup)"):
         table.add_column(name, justify="left" if name == "variant" else "right")
+    by: dict[str, list[Result]] = {}
     for r in results:
-        ok = not r.error
+        by.setdefault(r.variant, []).append(r)
+    for variant, runs in by.items():
+        ok = [r for r in runs if not r.error]
+        spread = lambda xs, f: f(_median(xs)) + (f" ({f(min(xs))}..{f(max(xs))})" if len(xs) > 1 else "")  # noqa: E731
         table.add_row(
-            f"{r.variant}  {VARIANTS[r.variant]}", f"{r.procs} x {r.threads}",
-            f"{r.tokens_per_s:,.0f}" if ok else "[red]FAILED", f"{r.mfu:.1%}" if ok else "-",
-            f"{statistics.median(r.step_times[warmup:]) * 1e3:.0f} ms" if ok else "-",
-            "-" if math.isnan(r.wall_s) else f"{r.wall_s:.1f} s",
-        )  # fmt: skip
+            f"{variant}  {VARIANTS[variant]}" + (f" [red]{len(runs) - len(ok)} FAILED" if len(ok) < len(runs) else ""),
+            f"{runs[0].procs} x {runs[0].threads}",
+            spread([r.tokens_per_s for r in ok], lambda x: f"{x:,.0f}") if ok else "[red]FAILED",
+            f"{_median([r.mfu for r in ok]):.1%}" if ok else "-",
+            f"{_median([statistics.median(r.step_times[warmup:]) for r in ok]) * 1e3:.0f} ms" if ok else "-",
+            spread([r.first_step_s for r in ok], lambda x: f"{x:.1f} s") if ok else "-",
+            f"{_median([r.wall_s for r in runs]):.1f} s" if any(not math.isnan(r.wall_s) for r in runs) else "-",
+        )
     console.print(table)
-    by = {r.variant: r for r in results}
     ratios: dict[str, float | None] = {}
     for c in ("c1", "c2"):
         for base in ("a", "b"):
-            key, missing = f"{c}/{base}", [v for v in (c, base) if v not in by or by[v].error]
-            ratios[key] = None if missing else by[c].tokens_per_s / by[base].tokens_per_s
-            why = ", ".join(f"{v} {'failed' if v in by else 'not run'}" for v in missing)
+            key = f"{c}/{base}"
+            # Each round's ratio (both variants run minutes apart at most), then their median.
+            per_round = [
+                x.tokens_per_s / y.tokens_per_s
+                for x in by.get(c, []) for y in by.get(base, [])
+                if x.round == y.round and not x.error and not y.error
+            ]  # fmt: skip
+            ratios[key] = _median(per_round) if per_round else None
+            missing = [v for v in (c, base) if not any(not r.error for r in by.get(v, []))]
+            why = ", ".join(f"{v} {'failed' if v in by else 'not run'}" for v in missing) or "no round with both"
             value = f"{ratios[key]:.2f}" if ratios[key] is not None else f"n/a ({why})"
+            if len(per_round) > 1:
+                value += f"  (rounds: {', '.join(f'{x:.2f}' for x in per_round)})"
             console.print(f"  tokens/s {key} = {value}   ({VARIANTS[c]} vs {VARIANTS[base]})")
     for r in results:
         if r.error:  # the log tail may hold brackets: print it without markup
-            console.print(f"\n[red]{r.variant} FAILED: {r.error}[/] (log: {r.log})")
+            console.print(f"\n[red]{r.variant} (round {r.round + 1}) FAILED: {r.error}[/] (log: {r.log})")
             console.print(_tail(r.log), markup=False, highlight=False)
     return ratios
 
@@ -346,7 +406,7 @@ def print_report(console, results: list[Result], warmup: int, steps: int) -> dic
 def main() -> int:
     args = parse_args()
     if args.worker:
-        worker_main(args.worker, Path(args.workdir), args.threads)
+        worker_main(args.worker, Path(args.workdir), args.threads, args.run_name, args.cold)
         return 0
     # SIGTERM unwinds like Ctrl-C, so the running variant's processes are still stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -357,6 +417,9 @@ def main() -> int:
     only = [v.strip() for v in args.only.split(",") if v.strip()]
     if not only or any(v not in VARIANTS for v in only):
         console.print(f"[red]--only={args.only!r}: use a comma-separated subset of {','.join(VARIANTS)}")
+        return 2
+    if args.rounds < 1:
+        console.print(f"[red]--rounds={args.rounds}: use 1 or more")
         return 2
     warmup = warmup_steps(args.steps)
     if args.steps < warmup + 2:
@@ -401,18 +464,23 @@ def main() -> int:
 
     results: list[Result] = []
     interrupted = False
+    if args.cold and not drop_page_cache():
+        console.print("[yellow]--cold: cannot drop the page cache (not root): files read before stay cached")
     try:
-        for v in only:
-            procs, threads = layout(v, cores)
-            console.print(f"[bold]{v}[/] {VARIANTS[v]} ({procs} x {threads}) ...")
-            res = run_variant(v, workdir, cores, args.steps, args.timeout)
-            results.append(res)
-            if res.error:
-                status = f"[red]FAILED: {res.error}[/]"
-            else:
-                status = f"{tokens_per_step / statistics.median(res.step_times[warmup:]):,.0f} tokens/s"
-            console.print(f"    {status}" + ("" if math.isnan(res.wall_s) else f", wall {res.wall_s:.1f} s"))
-            peaks.append(measure_matmul_peak(torch.device("cpu"), torch.float32, trials=10))
+        for rnd in range(args.rounds):
+            for v in only:
+                procs, threads = layout(v, cores)
+                round_note = f" round {rnd + 1}/{args.rounds}" if args.rounds > 1 else ""
+                console.print(f"[bold]{v}[/] {VARIANTS[v]} ({procs} x {threads}){round_note} ...")
+                res = run_variant(v, workdir, cores, args.steps, args.timeout, rnd, args.cold)
+                results.append(res)
+                if res.error:
+                    status = f"[red]FAILED: {res.error}[/]"
+                else:
+                    status = f"{tokens_per_step / statistics.median(res.step_times[warmup:]):,.0f} tokens/s"
+                    status += f", first step {res.first_step_s:.1f} s"
+                console.print(f"    {status}" + ("" if math.isnan(res.wall_s) else f", wall {res.wall_s:.1f} s"))
+                peaks.append(measure_matmul_peak(torch.device("cpu"), torch.float32, trials=10))
     except KeyboardInterrupt:  # the running variant was stopped in run_variant; report the finished ones
         console.print("[red]interrupted")
         interrupted = True
@@ -431,7 +499,8 @@ def main() -> int:
             "[yellow]the machine looked busy (peak samples spread or load above the core count): numbers are noisy"
         )
     resolved = ["--model", args.model, "--steps", str(args.steps), "--micro-batch", str(args.micro_batch),
-                "--global-batch", str(args.global_batch), "--seq-len", str(args.seq_len), "--only", ",".join(only)]  # fmt: skip
+                "--global-batch", str(args.global_batch), "--seq-len", str(args.seq_len), "--only", ",".join(only),
+                "--rounds", str(args.rounds)] + (["--cold"] if args.cold else [])  # fmt: skip
     command = shlex.join([sys.executable, str(Path(__file__).resolve()), *resolved, *args.overrides])
     console.print(f"reproduce: {command}", soft_wrap=True, markup=False, highlight=False)
     if args.out:
