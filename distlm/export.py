@@ -224,12 +224,12 @@ def load_exported(export_dir: str, adapters: Optional[List[str]] = None):
 
 
 # Largest |logit| difference between the export and the trained model that passes, by the precision
-# the model trained in: bf16/fp16 logits computed on another device (the driver's CPU after GPU
-# training) differ in their last bits.
-# Per unit of the probe's largest logit (at least 1): summation order alone (another thread count,
-# another matmul path) moves a deep model's fp32 logits of magnitude ~20 by ~1e-4; a wrong export
-# moves them by whole units.
-PROBE_TOLERANCE = {"fp32": 1e-5, "bf16": 0.25 / 16, "fp16": 0.05 / 16}
+# the model trained in, for logits up to PROBE_SCALE in magnitude (larger ones scale it): bf16/fp16
+# logits computed on another device (the driver's CPU after GPU training) differ in their last
+# bits, and in fp32 summation order alone (another thread count) moves a 30-layer model's logits
+# of ~20 by ~1e-4. A wrong export moves them by whole units.
+PROBE_TOLERANCE = {"fp32": 1e-4, "bf16": 0.25, "fp16": 0.05}
+PROBE_SCALE = 10.0
 
 
 def _check_probe(export_dir: Path, probe_path: Path, adapters: List[str], heads: Optional[List[str]] = None) -> float:
@@ -271,7 +271,7 @@ def _check_probe(export_dir: Path, probe_path: Path, adapters: List[str], heads:
             diffs.append(float((logits - probe["heads"][name]).abs().max()))
     diff = max(diffs)
     expected = [probe["logits"], *probe.get("adapters", {}).values(), *probe.get("heads", {}).values()]
-    allowed = tolerance * max(1.0, max(float(t.abs().max()) for t in expected))
+    allowed = tolerance * max(1.0, max(float(t.abs().max()) for t in expected) / PROBE_SCALE)
     if diff > allowed:
         raise CheckpointError(
             f"exported model's logits differ from the trained model's by {diff:.2e} (> {allowed:.1e} in {precision}): "

@@ -95,8 +95,8 @@ def init_ray(address: Optional[str], cpus_needed: float, quiet: bool = False, da
     """Join the Ray cluster at `address` (or $RAY_ADDRESS), else start one here with at least
     `cpus_needed` CPUs (more than the machine's cores when a run asks for them: Ray's CPUs are
     counts for scheduling). quiet: Ray's start-up lines and the actors' output stay off the
-    console. dashboard: Ray's dashboard on a cluster started here (None: Ray's default, on when installed). True when this process started
-    the cluster."""
+    console. dashboard: Ray's dashboard on a cluster started here (None: Ray's default, on
+    when installed). True when this process started the cluster."""
     import logging
 
     import ray

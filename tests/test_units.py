@@ -184,3 +184,27 @@ def test_one_worker_trains_without_zero_and_its_resumes_follow_the_checkpoint(ov
     assert cfg.zero.stage == stage
     configured = {"zero=zero1": 1, "zero=zero3": 3}.get(next(iter(overrides), ""), 2)
     assert bool(note) == (stage != configured)  # the console says when the stage differs from the config
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+def test_the_export_check_passes_summation_noise_and_refuses_a_wrong_export(scale, tmp_path):
+    """The export is reloaded with plain transformers and its logits compared with the trained
+    model's (the probe): noise of summation order passes, scaled with the logits' magnitude; an
+    export off by a tenth of a unit does not."""
+    from distlm.export import PROBE_SCALE, PROBE_TOLERANCE, _check_probe
+
+    cfg, _ = compose(["model=tiny", f"hydra.run.dir={tmp_path}"])
+    model = build_model(cfg.model, vocab_size=512, seq_len=32, eos_token_id=0, seed=0).eval()
+    with torch.no_grad():  # an export whose logits reach `scale` in magnitude
+        model.lm_head.weight.mul_(scale / float(model(input_ids=torch.arange(16)[None]).logits.abs().max()))
+    model.save_pretrained(tmp_path / "export")
+    ids = torch.arange(16)[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    noise = 0.9 * PROBE_TOLERANCE["fp32"] * max(1.0, scale / PROBE_SCALE)
+    probe = tmp_path / "probe.pt"
+    torch.save({"input_ids": ids, "logits": logits + noise, "precision": "fp32"}, probe)
+    assert _check_probe(tmp_path / "export", probe, []) == pytest.approx(noise, rel=0.2)
+    torch.save({"input_ids": ids, "logits": logits + 0.1, "precision": "fp32"}, probe)
+    with pytest.raises(CheckpointError, match="the export is wrong"):
+        _check_probe(tmp_path / "export", probe, [])
