@@ -277,7 +277,9 @@ class StopSignal:
     The loop sums the value over ranks with its per-step all-reduce, so every rank stops
     after the same step."""
 
-    ASK_EVERY_S = 1.0  # a remote call per logged step would cost the step time on a busy machine
+    # A new query at most this often: one remote call per logged step would cost the step time
+    # on a busy machine; the answer is looked for (locally) on every logged step.
+    ASK_EVERY_S = 0.2
 
     def __init__(self, sink, rank: int):
         self.sink = sink if rank == 0 else None
@@ -285,18 +287,20 @@ class StopSignal:
         self.asked_at = 0.0
 
     def poll(self) -> float:
-        if self.sink is None or time.monotonic() - self.asked_at < self.ASK_EVERY_S:
+        if self.sink is None:
             return 0.0
         import ray
 
-        self.asked_at = time.monotonic()
         if self.pending is not None:
             ready, _ = ray.wait([self.pending], timeout=0)
             if not ready:
                 return 0.0
             if ray.get(self.pending):
                 return 1.0
-        self.pending = self.sink.stop_requested.remote()
+            self.pending = None
+        if time.monotonic() - self.asked_at >= self.ASK_EVERY_S:
+            self.asked_at = time.monotonic()
+            self.pending = self.sink.stop_requested.remote()
         return 0.0
 
 
