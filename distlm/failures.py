@@ -91,7 +91,7 @@ class Where:
     phase: str = "start-up"
     since: float = field(default_factory=time.time)
     # The tracker's flush: what rank 0 logged before a failure reaches the driver's metrics.jsonl.
-    flush: Optional[Callable[[], None]] = None
+    flush: Callable[[], None] = lambda: None
 
     def at(self, phase: str, step: Optional[int] = None) -> None:
         self.phase, self.since = phase, time.time()

@@ -27,6 +27,9 @@ class NullTracker:
     def take_unsaved(self) -> List[Dict[str, Any]]:
         return []
 
+    def flush(self) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -76,7 +79,7 @@ class Tracker:
 
     def flush(self) -> None:
         """Fire and forget: the driver writes metrics.jsonl and drives the progress bar."""
-        if self.unsent:
+        if self.unsent and self.sink is not None:
             self.sink.put_many.remote(self.unsent)
             self.unsent = []
         self.sent_at = time.monotonic()
@@ -87,8 +90,7 @@ class Tracker:
         return out
 
     def finish(self) -> None:
-        if self.sink is not None:
-            self.flush()
+        self.flush()
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
@@ -117,9 +119,6 @@ class MetricsSink:
         self.warnings: List[str] = []
         self.beats: Dict[int, Dict[str, Any]] = {}  # each rank's last heartbeat (distlm.failures.Heartbeat)
         self.controller_handle = None  # Ray Train's controller (distlm.failures.controller_callback)
-
-    def put(self, record: Dict[str, Any]) -> None:
-        self.records.append(record)
 
     def put_many(self, records: List[Dict[str, Any]]) -> None:
         self.records.extend(records)

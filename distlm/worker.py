@@ -63,8 +63,7 @@ def train_worker(config: Dict[str, Any]) -> None:
     try:
         _train(config, where, entered)
     except Exception as e:  # noqa: BLE001 - classified, reported, and re-raised if worth a restart
-        if where.flush is not None:
-            where.flush()
+        where.flush()
         handle_worker_error(e, config.get("sink"), rank, where)
     finally:
         heartbeat.stop()
@@ -169,7 +168,7 @@ def _train(config: Dict[str, Any], where: Where, entered: float) -> None:
 
     tracker = make_tracker(cfg.tracking, rank, cfg.run_dir, state.tracker_run_id, _flat_config(cfg), sink)
     state.tracker_run_id = tracker.run_id
-    where.flush = getattr(tracker, "flush", None) if sink is not None else None
+    where.flush = tracker.flush
     peak_flops = measure_matmul_peak(engine.device, runtime.dtype)
     stop = StopSignal(sink, rank)
 
