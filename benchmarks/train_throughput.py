@@ -3,6 +3,8 @@
 Same model, data order, global batch and number of steps for every variant:
   a   plain single-process PyTorch loop (torch AdamW, lr_lambda, grad clipping), all cores
   b   the `deepspeed` launcher: 2 processes, ZeRO (zero=zero2 unless overridden) over gloo, cores split
+  r   a's loop as the one worker of a Ray Train run (local Ray started as distlm starts it), all cores:
+      what distlm's 1-worker start-up and step stand on (Ray, Ray Train's worker group)
   c1  distlm.driver.run: 1 Ray worker with all cores
   c2  distlm.driver.run: 2 Ray workers, the cores split between them
 
@@ -37,7 +39,15 @@ from typing import Any
 from distlm.runtime import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-VARIANTS = {"a": "plain PyTorch", "b": "deepspeed launcher", "c1": "distlm, 1 worker", "c2": "distlm, 2 workers"}
+VARIANTS = {
+    "a": "plain PyTorch",
+    "b": "deepspeed launcher",
+    "r": "plain loop in Ray Train",
+    "c1": "distlm, 1 worker",
+    "c2": "distlm, 2 workers",
+}
+# (distlm variant, its peer): the ratios printed.
+RATIOS = [("c1", "a"), ("c1", "b"), ("c1", "r"), ("c2", "a"), ("c2", "b")]
 DEFAULT_MODEL = "model=tiny model.hidden_size=128 model.num_layers=4"
 
 
@@ -47,7 +57,7 @@ def num_cores() -> int:
 
 def layout(variant: str, cores: int) -> tuple[int, int]:
     """(processes, torch threads per process): every variant uses the whole machine."""
-    return (1, cores) if variant in ("a", "c1") else (2, max(1, cores // 2))
+    return (1, cores) if variant in ("a", "r", "c1") else (2, max(1, cores // 2))
 
 
 def warmup_steps(steps: int) -> int:
@@ -125,6 +135,34 @@ def worker_b(cfg, data, threads: int) -> list[float] | None:
     return times if rank == 0 else None
 
 
+def worker_r(cfg, data, threads: int, out: Path) -> None:
+    """a's loop as the one worker of a Ray Train run, on a local Ray started as distlm starts its
+    own: the start-up and the step distlm's 1-worker run cannot go below. The worker writes `out`."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from distlm.driver import init_ray
+
+    here = str(Path(__file__).resolve().parent)
+
+    def train_fn(_config) -> None:
+        sys.path.insert(0, here)
+        import train_throughput as bench  # by name: its FIRST_STEP is the one worker_a sets
+
+        times = bench.worker_a(cfg, data, threads)
+        out.write_text(json.dumps({"step_times": times, "first_step_at": bench.FIRST_STEP["at"]}))
+
+    init_ray(cfg)
+    TorchTrainer(
+        train_fn,
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(storage_path=str(out.parent / "ray_train"), name=out.stem),
+    ).fit()
+    ray.shutdown()  # part of what a user pays, as for c
+
+
 def worker_c(cfg) -> list[float]:
     import psutil
     import ray
@@ -159,6 +197,9 @@ def worker_main(variant: str, workdir: Path, threads: int, run_name: str, cold: 
         times = worker_a(cfg, prepare_data(cfg.data, seed=cfg.trainer.seed, progress=False), threads)
     elif variant == "b":
         times = worker_b(cfg, prepare_data(cfg.data, seed=cfg.trainer.seed, progress=False), threads)
+    elif variant == "r":
+        data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=False)
+        return worker_r(cfg, data, threads, workdir / f"{run_name}.json")
     else:
         times = worker_c(cfg)  # run() prepares the data itself
     if times is not None:
@@ -380,22 +421,21 @@ def print_report(console, results: list[Result], warmup: int, steps: int) -> dic
         )
     console.print(table)
     ratios: dict[str, float | None] = {}
-    for c in ("c1", "c2"):
-        for base in ("a", "b"):
-            key = f"{c}/{base}"
-            # Each round's ratio (both variants run minutes apart at most), then their median.
-            per_round = [
-                x.tokens_per_s / y.tokens_per_s
-                for x in by.get(c, []) for y in by.get(base, [])
-                if x.round == y.round and not x.error and not y.error
-            ]  # fmt: skip
-            ratios[key] = _median(per_round) if per_round else None
-            missing = [v for v in (c, base) if not any(not r.error for r in by.get(v, []))]
-            why = ", ".join(f"{v} {'failed' if v in by else 'not run'}" for v in missing) or "no round with both"
-            value = f"{ratios[key]:.2f}" if ratios[key] is not None else f"n/a ({why})"
-            if len(per_round) > 1:
-                value += f"  (rounds: {', '.join(f'{x:.2f}' for x in per_round)})"
-            console.print(f"  tokens/s {key} = {value}   ({VARIANTS[c]} vs {VARIANTS[base]})")
+    for c, base in RATIOS:
+        key = f"{c}/{base}"
+        # Each round's ratio (both variants run minutes apart at most), then their median.
+        per_round = [
+            x.tokens_per_s / y.tokens_per_s
+            for x in by.get(c, []) for y in by.get(base, [])
+            if x.round == y.round and not x.error and not y.error
+        ]  # fmt: skip
+        ratios[key] = _median(per_round) if per_round else None
+        missing = [v for v in (c, base) if not any(not r.error for r in by.get(v, []))]
+        why = ", ".join(f"{v} {'failed' if v in by else 'not run'}" for v in missing) or "no round with both"
+        value = f"{ratios[key]:.2f}" if ratios[key] is not None else f"n/a ({why})"
+        if len(per_round) > 1:
+            value += f"  (rounds: {', '.join(f'{x:.2f}' for x in per_round)})"
+        console.print(f"  tokens/s {key} = {value}   ({VARIANTS[c]} vs {VARIANTS[base]})")
     for r in results:
         if r.error:  # the log tail may hold brackets: print it without markup
             console.print(f"\n[red]{r.variant} (round {r.round + 1}) FAILED: {r.error}[/] (log: {r.log})")

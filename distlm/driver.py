@@ -333,8 +333,6 @@ def _checkpoint_config(cfg: Config):
 def _prepare_inputs(cfg: Config, console, verbose: bool = False):
     """(PreparedData or None, tokenizer dir). Pretraining tokenizes the corpus (cached);
     fine-tuning takes the pretrained model's tokenizer and generates/reads tasks in the workers."""
-    from distlm.models import build_config
-
     source = cfg.init_from or cfg.model.pretrained
     if cfg.task.tasks:
         if source is None:
@@ -361,10 +359,35 @@ def _prepare_inputs(cfg: Config, console, verbose: bool = False):
     # Ray is started (or joined) here only if the data is large enough for Ray Data (data.engine).
     data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True, ray_init=lambda: init_ray(cfg, verbose))
     console.log(f"data: {data.num_train_tokens:,} train / {data.num_val_tokens:,} val tokens, vocab {data.vocab_size}")
-    # Fail here, not in every worker, if transformers cannot build the model.
     if cfg.model.pretrained is None and cfg.init_from is None:
-        build_config(cfg.model, data.vocab_size, cfg.data.seq_len, data.eos_token_id)
+        check_model_config(cfg, data)
     return data, data.tokenizer_dir
+
+
+def check_model_config(cfg: Config, data) -> None:
+    """Fail here, not in every worker, if transformers cannot build the model. A config that
+    was built once is remembered in the data cache (its fields, the data's vocabulary, the
+    transformers version and distlm's model code, hashed): importing transformers costs the
+    driver seconds of every start, and the workers import it anyway."""
+    import hashlib
+    from dataclasses import asdict
+    from importlib.metadata import version
+    from importlib.util import find_spec
+
+    code = Path(find_spec("distlm.models").origin).read_bytes()  # not imported: it imports transformers
+    fields = [asdict(cfg.model), data.vocab_size, cfg.data.seq_len, data.eos_token_id, version("transformers")]
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode() + code).hexdigest()
+    marker = Path(cfg.data.cache_dir) / "model_configs" / digest[:32]
+    if marker.is_file():
+        return
+    from distlm.models import build_config
+
+    build_config(cfg.model, data.vocab_size, cfg.data.seq_len, data.eos_token_id)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:  # a read-only cache: checked again at the next start, nothing else lost
+        pass
 
 
 def _preflight(cfg: Config, runtime, joined: bool, console):
@@ -546,7 +569,10 @@ def init_ray(cfg: Config, verbose: bool = False) -> None:
     for key in ["RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING"]:
         os.environ.setdefault(key, "0")
     cpus = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
-    start_or_join(cfg.cluster.address, cpus, quiet=not verbose, dashboard=cfg.cluster.dashboard)
+    if start_or_join(cfg.cluster.address, cpus, quiet=not verbose, dashboard=cfg.cluster.dashboard):
+        # A Ray of this process alone has no autoscaler to drain its node: Ray Train's preemption
+        # watcher (one more actor process at every start) would wait for a notice that never comes.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def _cluster_has_gpus() -> bool:

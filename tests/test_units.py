@@ -46,6 +46,40 @@ def test_unknown_arch_is_a_config_error(tmp_path):
         build_model(cfg.model, 256 + 8, 16, 0, seed=0)
 
 
+def test_the_driver_checks_a_model_config_once_then_remembers_it(tmp_path):
+    """The driver refuses a model transformers cannot build before any worker starts; a config
+    that passed is remembered in the data cache, so the next start does without importing
+    transformers (seconds of every start). A refused config is never remembered."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from distlm.driver import check_model_config
+
+    common = [f"data.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"]
+    data = SimpleNamespace(vocab_size=264, eos_token_id=0)
+    remembered = lambda: sorted(p.name for p in (tmp_path / "cache" / "model_configs").glob("*"))  # noqa: E731
+    cfg, _ = compose(["model=tiny", *common])
+    check_model_config(cfg, data)
+    assert len(remembered()) == 1
+    fresh_start = (
+        "import sys; from types import SimpleNamespace; from distlm.config import compose; "
+        "from distlm.driver import check_model_config; "
+        f"cfg, _ = compose({['model=tiny', *common]!r}); "
+        "check_model_config(cfg, SimpleNamespace(vocab_size=264, eos_token_id=0)); "
+        "assert 'transformers' not in sys.modules, 'the remembered check imported transformers'"
+    )
+    subprocess.run([sys.executable, "-c", fresh_start], check=True, timeout=120)
+    bad, _ = compose(["model=tiny", "model.arch=not_a_model", *common])
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="model.arch"):
+            check_model_config(bad, data)
+    assert len(remembered()) == 1
+    # Another vocabulary is another config: checked (and remembered) on its own.
+    check_model_config(compose(["model=tiny", *common])[0], SimpleNamespace(vocab_size=300, eos_token_id=0))
+    assert len(remembered()) == 2
+
+
 def test_runtime_follows_hardware():
     auto = ClusterConfig()
     assert resolve_runtime(auto, cuda_available=False) == Runtime("cpu", "gloo", "fp32")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from distlm.config import ConfigError
+
+if TYPE_CHECKING:  # transformers is imported where it is used: the driver's start-up does without it
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -19,6 +22,8 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int) -> PreTrainedToke
 
     Byte-level means every string is encodable (no unknown tokens) and decode(encode(s)) == s.
     """
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -63,6 +68,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
             f"data.tokenizer={path} is not a directory: give a local Hugging Face tokenizer directory "
             "(save_pretrained layout), or unset data.tokenizer to train one"
         )
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises many types (OSError, ValueError, KeyError, ...)
