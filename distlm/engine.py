@@ -59,7 +59,8 @@ def build_ds_config(zero: ZeroConfig, trainer: TrainerConfig, runtime: Runtime, 
         "train_batch_size": trainer.global_batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": trainer.grad_clip,
+        # ZeRO-0 in fp32: the Engine clips (see clips_itself); DeepSpeed's ZeRO and mixed-precision optimizers do.
+        "gradient_clipping": 0.0 if clips_itself(zero, runtime) else trainer.grad_clip,
         "zero_optimization": zero_opt,
         # Our optimizer is plain torch AdamW (DeepSpeed's fused one needs CUDA).
         "zero_allow_untested_optimizer": True,
@@ -71,6 +72,14 @@ def build_ds_config(zero: ZeroConfig, trainer: TrainerConfig, runtime: Runtime, 
     elif runtime.precision == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
     return cfg
+
+
+def clips_itself(zero: ZeroConfig, runtime: Runtime) -> bool:
+    """ZeRO-0 in fp32, where DeepSpeed calls our optimizer directly: DeepSpeed would clip with a
+    loop over the parameters and an all-reduce of the norm, and the Engine then compute the norm
+    again to log it. The Engine clips instead, with torch's clip (the plain loop's), and logs the
+    norm that clip returns: one norm a step."""
+    return zero.stage == 0 and runtime.precision == "fp32"
 
 
 def lr_lambda(trainer: TrainerConfig):
@@ -145,6 +154,7 @@ class Engine:
         self.runtime, self.zero_stage = runtime, zero.stage
         self.zero, self.trainer = zero, trainer
         self.ds_config = build_ds_config(zero, trainer, runtime, world_size)
+        self._clips = clips_itself(zero, runtime)
         self.accum_steps = self.ds_config["gradient_accumulation_steps"]
         self.world_size = world_size
         # DeepSpeed's communication layer adopts the process group Ray Train set up; zero.Init
@@ -225,8 +235,13 @@ class Engine:
             # Without a ZeRO optimizer DeepSpeed does not report the norm; the gradients
             # are already averaged across ranks here, so every rank computes the same one.
             # Kept on the device: read only when logged.
-            grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
-            self._stage0_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            params = [p for p in self.ds.module.parameters() if p.grad is not None]
+            if not params:
+                self._stage0_norm = torch.zeros(())
+            elif self._clips and self.trainer.grad_clip > 0:
+                self._stage0_norm = torch.nn.utils.clip_grad_norm_(params, self.trainer.grad_clip)
+            else:
+                self._stage0_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             if isinstance(self.optimizer, TaskAwareAdamW) and not torch.isfinite(self._stage0_norm):
                 self.optimizer.skip_next = True  # the same on every rank: the gradients are averaged
         self.ds.step()

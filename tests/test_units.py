@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,6 +106,9 @@ def test_ds_config_per_stage():
     assert c["zero_optimization"]["offload_optimizer"]["pin_memory"] is True
     c = build_ds_config(ZeroConfig(stage=1, extra={"reduce_scatter": False}), tr, cpu, world_size=1)
     assert c["zero_optimization"]["reduce_scatter"] is False
+    # ZeRO-0 in fp32: distlm's Engine clips (one norm a step); DeepSpeed's mixed-precision optimizers clip themselves.
+    assert build_ds_config(ZeroConfig(stage=0), tr, cpu, world_size=2)["gradient_clipping"] == 0.0
+    assert build_ds_config(ZeroConfig(stage=0), tr, gpu, world_size=2)["gradient_clipping"] == 0.5
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -242,3 +246,72 @@ def test_the_export_check_passes_summation_noise_and_refuses_a_wrong_export(scal
     torch.save({"input_ids": ids, "logits": logits + 0.1, "precision": "fp32"}, probe)
     with pytest.raises(CheckpointError, match="the export is wrong"):
         _check_probe(tmp_path / "export", probe, [])
+
+
+def _zero0_against_torch(port: int, out: str) -> None:
+    import json
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+    os.environ.update(LOCAL_RANK="0", DS_ACCELERATOR="cpu")
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    from distlm.engine import Engine, param_groups
+
+    # A clip far below the gradients' norm: every step is clipped.
+    cfg, _ = compose(
+        [
+            "zero=zero0",
+            "cluster.num_workers=1",
+            "trainer.micro_batch_size=2",
+            "trainer.global_batch_size=2",
+            "trainer.grad_clip=0.01",
+        ]
+    )
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    reference.load_state_dict(model.state_dict())
+    tr = cfg.trainer
+    engine = Engine(cfg.zero, tr, resolve_runtime(cfg.cluster), 1)
+    engine.prepare(model)
+    opt = torch.optim.AdamW(
+        param_groups(reference, tr.weight_decay), lr=tr.lr, betas=(tr.beta1, tr.beta2), foreach=False
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
+    gen = torch.Generator().manual_seed(1)
+    norms = []
+    for _ in range(4):
+        x = torch.randn(2, 8, generator=gen)
+        engine.backward(engine(input=x).pow(2).mean() * 100)
+        engine.step()
+        reference(x).pow(2).mean().mul(100).backward()
+        norms.append((engine.grad_norm(), float(torch.nn.utils.clip_grad_norm_(reference.parameters(), tr.grad_clip))))
+        opt.step()
+        schedule.step()
+        opt.zero_grad()
+    gaps = [float((a - b).abs().max()) for a, b in zip(engine.module.parameters(), reference.parameters())]
+    ds_clip = engine.ds_config["gradient_clipping"]
+    Path(out).write_text(json.dumps({"norms": norms, "gaps": gaps, "ds_clip": ds_clip}))
+    torch.distributed.destroy_process_group()
+
+
+def test_zero0_clips_once_a_step_as_the_plain_loop_does(tmp_path):
+    """ZeRO-0 in fp32: the Engine clips (DeepSpeed's own clip is off) and logs the norm it clipped
+    by; weights and norms follow torch's clip_grad_norm_ + AdamW step for step."""
+    import json
+    import multiprocessing as mp
+
+    from distlm.runtime import free_port
+
+    out = tmp_path / "result.json"
+    proc = mp.get_context("spawn").Process(target=_zero0_against_torch, args=(free_port(), str(out)))
+    proc.start()
+    proc.join(timeout=300)
+    assert proc.exitcode == 0
+    result = json.loads(out.read_text())
+    assert result["ds_clip"] == 0.0
+    for logged, torch_norm in result["norms"]:
+        assert torch_norm > 0.01 * 10  # clipped for real
+        assert logged == pytest.approx(torch_norm, rel=1e-6)
+    # Adam is nearly blind to a gradient's scale: a clip twice too loose moves these weights ~2e-6.
+    assert max(result["gaps"]) < 1e-9, result["gaps"]
