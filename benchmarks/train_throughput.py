@@ -5,6 +5,7 @@ Same model, data order, global batch and number of steps for every variant:
   b   the `deepspeed` launcher: 2 processes, ZeRO (zero=zero2 unless overridden) over gloo, cores split
   r   a's loop as the one worker of a Ray Train run (local Ray started as distlm starts it), all cores:
       what distlm's 1-worker start-up and step stand on (Ray, Ray Train's worker group)
+  r2  b's loop (DeepSpeed, ZeRO) as the 2 workers of a Ray Train run, cores split: c2's floor
   c1  distlm.driver.run: 1 Ray worker with all cores
   c2  distlm.driver.run: 2 Ray workers, the cores split between them
 
@@ -43,11 +44,12 @@ VARIANTS = {
     "a": "plain PyTorch",
     "b": "deepspeed launcher",
     "r": "plain loop in Ray Train",
+    "r2": "deepspeed loop in Ray Train",
     "c1": "distlm, 1 worker",
     "c2": "distlm, 2 workers",
 }
 # (distlm variant, its peer): the ratios printed.
-RATIOS = [("c1", "a"), ("c1", "b"), ("c1", "r"), ("c2", "a"), ("c2", "b")]
+RATIOS = [("c1", "a"), ("c1", "b"), ("c1", "r"), ("c2", "a"), ("c2", "b"), ("c2", "r2")]
 DEFAULT_MODEL = "model=tiny model.hidden_size=128 model.num_layers=4"
 
 
@@ -112,8 +114,10 @@ def worker_b(cfg, data, threads: int) -> list[float] | None:
     from distlm.runtime import resolve_runtime
 
     torch.set_num_threads(threads)
-    # The launcher sets RANK/WORLD_SIZE/MASTER_*; gloo is what Ray Train sets up for distlm.
-    dist.init_process_group("gloo")
+    # The launcher sets RANK/WORLD_SIZE/MASTER_*; gloo is what Ray Train sets up for distlm (and for r2).
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     loop = PlainLoop(cfg, data.vocab_size, data.eos_token_id)
     model, opt, sched = loop.model, loop.optimizer, loop.schedule
@@ -130,14 +134,16 @@ def worker_b(cfg, data, threads: int) -> list[float] | None:
 
     times = _timed_steps(cfg, data, rank, world, micro_step, lambda: None)
     dist.barrier()
-    dist.destroy_process_group()
+    if own_group:
+        dist.destroy_process_group()
     # ZeRO-2 synchronises the ranks every step, so rank 0's clock is the step time.
     return times if rank == 0 else None
 
 
-def worker_r(cfg, data, threads: int, out: Path) -> None:
-    """a's loop as the one worker of a Ray Train run, on a local Ray started as distlm starts its
-    own: the start-up and the step distlm's 1-worker run cannot go below. The worker writes `out`."""
+def worker_r(cfg, data, threads: int, out: Path, workers: int = 1) -> None:
+    """a's loop as the one worker of a Ray Train run (b's as its 2 workers), on a local Ray
+    started as distlm starts its own: the start-up and the step distlm's run cannot go below.
+    Rank 0 writes `out`."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -150,13 +156,14 @@ def worker_r(cfg, data, threads: int, out: Path) -> None:
         sys.path.insert(0, here)
         import train_throughput as bench  # by name: its FIRST_STEP is the one worker_a sets
 
-        times = bench.worker_a(cfg, data, threads)
-        out.write_text(json.dumps({"step_times": times, "first_step_at": bench.FIRST_STEP["at"]}))
+        times = bench.worker_a(cfg, data, threads) if workers == 1 else bench.worker_b(cfg, data, threads)
+        if times is not None:  # rank 0
+            out.write_text(json.dumps({"step_times": times, "first_step_at": bench.FIRST_STEP["at"]}))
 
     init_ray(cfg)
     TorchTrainer(
         train_fn,
-        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),
         torch_config=TorchConfig(backend="gloo"),
         run_config=RunConfig(storage_path=str(out.parent / "ray_train"), name=out.stem),
     ).fit()
@@ -197,9 +204,9 @@ def worker_main(variant: str, workdir: Path, threads: int, run_name: str, cold: 
         times = worker_a(cfg, prepare_data(cfg.data, seed=cfg.trainer.seed, progress=False), threads)
     elif variant == "b":
         times = worker_b(cfg, prepare_data(cfg.data, seed=cfg.trainer.seed, progress=False), threads)
-    elif variant == "r":
+    elif variant in ("r", "r2"):
         data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=False)
-        return worker_r(cfg, data, threads, workdir / f"{run_name}.json")
+        return worker_r(cfg, data, threads, workdir / f"{run_name}.json", layout(variant, num_cores())[0])
     else:
         times = worker_c(cfg)  # run() prepares the data itself
     if times is not None:
