@@ -154,7 +154,6 @@ class Engine:
         self.runtime, self.zero_stage = runtime, zero.stage
         self.zero, self.trainer = zero, trainer
         self.ds_config = build_ds_config(zero, trainer, runtime, world_size)
-        self._clips = clips_itself(zero, runtime)
         self.accum_steps = self.ds_config["gradient_accumulation_steps"]
         self.world_size = world_size
         # DeepSpeed's communication layer adopts the process group Ray Train set up; zero.Init
@@ -238,7 +237,7 @@ class Engine:
             params = [p for p in self.ds.module.parameters() if p.grad is not None]
             if not params:
                 self._stage0_norm = torch.zeros(())
-            elif self._clips and self.trainer.grad_clip > 0:
+            elif clips_itself(self.zero, self.runtime) and self.trainer.grad_clip > 0:
                 self._stage0_norm = torch.nn.utils.clip_grad_norm_(params, self.trainer.grad_clip)
             else:
                 self._stage0_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
