@@ -166,7 +166,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """The memory pre-flight's estimate per worker for the composed run, for every ZeRO preset."""
-    import os
 
     from distlm.config import ConfigError, compose
 
@@ -177,12 +176,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         from distlm import memory
         from distlm.driver import resolve_pretrained
-        from distlm.runtime import resolve_runtime
+        from distlm.runtime import ray_target, resolve_runtime
 
         console = Console(width=max(120, Console().width))
         resolve_pretrained(cfg, console)
         runtime = resolve_runtime(cfg.cluster)
-        joined = bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+        joined = ray_target(cfg.cluster.address).address is not None
         if joined:
             from distlm.runtime import init_ray
 

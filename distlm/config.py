@@ -159,7 +159,8 @@ class K8sConfig:
 @dataclass
 class ClusterConfig:
     name: str = "local"
-    # Ray address to join; None uses RAY_ADDRESS, or starts a local Ray.
+    # Ray address to join; None: RAY_ADDRESS, else the Ray that `ray start` runs on this machine, else
+    # a Ray of the run's own (as ray.init() picks); local: always a Ray of the run's own.
     address: Optional[str] = None
     num_workers: int = 2
     # auto | cpu | cuda

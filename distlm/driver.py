@@ -50,12 +50,15 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
 
     console.log(f"run dir: {run_dir}")
-    from distlm.runtime import resolve_runtime
+    from distlm.runtime import ray_target, resolve_runtime
 
     resolve_pretrained(cfg, console)
     # The memory pre-flight: before anything slow (data, Ray) when the workers run on this machine,
     # after joining the cluster otherwise.
-    joined = bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+    target = ray_target(cfg.cluster.address)
+    if target.note:
+        console.log(f"ray: {target.note}")
+    joined = target.address is not None
     if not joined:
         plan = _preflight(cfg, resolve_runtime(cfg.cluster), joined, console)
     data, source_tokenizer = _prepare_inputs(cfg, console, verbose)

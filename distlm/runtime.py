@@ -91,8 +91,71 @@ def apply_collective_timeout(seconds: int) -> None:
     c10d.default_pg_nccl_timeout = timedelta(seconds=seconds)
 
 
+@dataclass(frozen=True)
+class RayTarget:
+    """Where a process gets its Ray: `address` to join, or None to start one here."""
+
+    address: Optional[str]
+    note: str = ""  # a console line when the choice is not what the config says in so many words
+    recorded: bool = False  # found through `ray start`'s record, as ray.init() finds it
+
+
+def ray_target(address: Optional[str]) -> RayTarget:
+    """The Ray to join, as ray.init() picks it: `address` (cluster.address), else $RAY_ADDRESS, else
+    the Ray that `ray start` runs on this machine; 'local' (or nothing found) starts one here.
+    Ray itself would wait minutes on an address nobody answers, so: a named address that does not
+    answer is a ConfigError, and a `ray start` record left by a Ray that is gone is passed over."""
+    if address == "local":
+        return RayTarget(None)
+    source = "cluster.address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        if not _answers(address):
+            raise ConfigError(
+                f"no Ray answers at {address} ({source}): start it (`ray start --head`), fix {source}, "
+                "or unset it (cluster.address=local) to let distlm start a Ray of its own"
+            )
+        return RayTarget(address)
+    recorded, record = _ray_start_record()
+    if recorded is None:
+        return RayTarget(None)
+    if not _answers(recorded):
+        return RayTarget(
+            None,
+            f"`ray start` left a record of a Ray at {recorded} ({record}) that no longer answers: starting "
+            "one of this run's own (`ray stop` removes the record)",
+        )
+    return RayTarget(
+        recorded,
+        f"joined the Ray that `ray start` runs at {recorded} (cluster.address=local starts one of this run's own)",
+        recorded=True,
+    )
+
+
+def _ray_start_record() -> tuple[Optional[str], str]:
+    """The GCS address `ray start` records on this machine (`ray stop` removes it), read the way
+    ray.init() reads it. Ray's function is private: pinned by tests/test_ray_target.py."""
+    from ray._common.utils import get_ray_address_file
+    from ray._private.utils import read_ray_address
+
+    return read_ray_address(), get_ray_address_file(None)
+
+
+def _answers(address: str, timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to a host:port address opens (Ray's GCS listens there). Other forms
+    (ray://, auto) are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "/" in address or not port.isdigit():
+        return True
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def init_ray(address: Optional[str], cpus_needed: float, quiet: bool = False, dashboard: Optional[bool] = None) -> bool:
-    """Join the Ray cluster at `address` (or $RAY_ADDRESS), else start one here with at least
+    """Join the Ray that ray_target(address) names, else start one here with at least
     `cpus_needed` CPUs (more than the machine's cores when a run asks for them: Ray's CPUs are
     counts for scheduling). quiet: Ray's start-up lines and the actors' output stay off the
     console. dashboard: Ray's dashboard on a cluster started here (None: Ray's default, on
@@ -104,11 +167,15 @@ def init_ray(address: Optional[str], cpus_needed: float, quiet: bool = False, da
     if ray.is_initialized():
         return False
     kwargs = {"log_to_driver": False, "logging_level": logging.ERROR} if quiet else {}
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **kwargs)
+    target = ray_target(address)
+    if target.address:
+        # A recorded Ray is joined as ray.init() finds it itself: only then does Ray take up the
+        # token of `ray start`'s token authentication (~/.ray/auth_token) without RAY_AUTH_MODE.
+        ray.init(address=None if target.recorded else target.address, **kwargs)
         return False
-    ray.init(num_cpus=max(math.ceil(cpus_needed), os.cpu_count() or 1), include_dashboard=dashboard, **kwargs)
+    # "local": a Ray of this process's own even where ray.init() would join a recorded one.
+    cpus = max(math.ceil(cpus_needed), os.cpu_count() or 1)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, **kwargs)
     return True
 
 

@@ -34,12 +34,14 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def init_ray(cfg: ServeConfig, ray_address: Optional[str] = None) -> bool:
-    """Join the cluster at ray_address (or $RAY_ADDRESS), else start a local Ray. True if started here."""
+    """Join the Ray that ray_target(ray_address) names (ray_address, $RAY_ADDRESS, a `ray start` on
+    this machine), else start a local Ray. True if started here."""
     import ray
 
     from distlm.runtime import init_ray as start_or_join
+    from distlm.runtime import ray_target
 
-    if not ray.is_initialized() and not (ray_address or os.environ.get("RAY_ADDRESS")):
+    if not ray.is_initialized() and ray_target(ray_address).address is None:
         _check_port_free(cfg.host, cfg.port)  # before Ray takes seconds to start
         # Ray's processes inherit it: the HTTP proxy answers overload and its other errors in JSON.
         os.environ.setdefault(CALLBACK_ENV, CALLBACK)
