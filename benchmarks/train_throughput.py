@@ -47,9 +47,10 @@ VARIANTS = {
     "r2": "deepspeed loop in Ray Train",
     "c1": "distlm, 1 worker",
     "c2": "distlm, 2 workers",
+    "j1": "distlm, 1 worker, on a running Ray",
 }
 # (distlm variant, its peer): the ratios printed.
-RATIOS = [("c1", "a"), ("c1", "b"), ("c1", "r"), ("c2", "a"), ("c2", "b"), ("c2", "r2")]
+RATIOS = [("c1", "a"), ("c1", "b"), ("c1", "r"), ("c2", "a"), ("c2", "b"), ("c2", "r2"), ("j1", "a"), ("j1", "c1")]
 DEFAULT_MODEL = "model=tiny model.hidden_size=128 model.num_layers=4"
 
 
@@ -59,7 +60,7 @@ def num_cores() -> int:
 
 def layout(variant: str, cores: int) -> tuple[int, int]:
     """(processes, torch threads per process): every variant uses the whole machine."""
-    return (1, cores) if variant in ("a", "r", "c1") else (2, max(1, cores // 2))
+    return (1, cores) if variant in ("a", "r", "c1", "j1") else (2, max(1, cores // 2))
 
 
 def warmup_steps(steps: int) -> int:
@@ -192,13 +193,15 @@ def worker_main(variant: str, workdir: Path, threads: int, run_name: str, cold: 
     # The driver's Config, rebuilt from the same overrides (not pickled, so it always matches
     # the distlm code this process imports). c also gets its worker layout and run dir.
     overrides = json.loads((workdir / "overrides.json").read_text())
-    if variant in ("c1", "c2"):
+    if variant in ("c1", "c2", "j1"):
         procs = layout(variant, num_cores())[0]
         # cpus_per_worker is also what distlm sets each worker's torch threads to.
         overrides += [f"cluster.num_workers={procs}", f"cluster.cpus_per_worker={threads}"]
         overrides += [f"hydra.run.dir={workdir / run_name}"]
         if cold:  # a data cache of its own: the first run on a fresh machine tokenizes the corpus
             overrides += [f"data.cache_dir={workdir / run_name / 'cache'}"]
+        if variant == "j1":  # the Ray that `ray start` runs (run_variant started it), found as distlm finds it
+            overrides += ["cluster.address=null"]
     cfg, _ = compose(overrides)
     if variant == "a":
         times = worker_a(cfg, prepare_data(cfg.data, seed=cfg.trainer.seed, progress=False), threads)
@@ -289,34 +292,101 @@ def drop_page_cache() -> bool:
         return False
 
 
+def _ray_start(workdir: Path, env: dict[str, str]) -> subprocess.Popen:
+    """A Ray as `ray start --head` runs one (its record in a temp dir of the benchmark's, set in
+    env for the variant), up and settled; stopped with its session after the variant."""
+    from distlm.runtime import ray_target
+
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="dlm-b-", dir="/tmp")  # short: Ray's socket paths
+    ray = Path(sys.executable).with_name("ray")
+    cmd = [str(ray), "start", "--head", "--block", "--disable-usage-stats", "--include-dashboard=false"]
+    cmd += [f"--num-cpus={num_cores()}", f"--port={free_port()}"]
+    with open(workdir / "ray-start.log", "w") as log:
+        head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    saved, os.environ["RAY_TMPDIR"] = os.environ.get("RAY_TMPDIR"), env["RAY_TMPDIR"]
+    try:
+        deadline = time.monotonic() + 120
+        while not ray_target(None).recorded:
+            if head.poll() is not None or time.monotonic() > deadline:
+                _kill_session(head)
+                raise RuntimeError(f"`ray start` did not come up: {_tail(str(workdir / 'ray-start.log'))}")
+            time.sleep(0.5)
+    finally:
+        os.environ.pop("RAY_TMPDIR") if saved is None else os.environ.update(RAY_TMPDIR=saved)
+    _settle(head.pid)  # its start-up work done (prestarted workers too), as a Ray that was already there
+    return head
+
+
+def _settle(sid: int, idle_cores: float = 0.05, timeout_s: float = 60) -> None:
+    """Wait until the processes of session `sid` use under `idle_cores` CPUs over a second."""
+
+    def cpu_s() -> float:
+        total = 0
+        for pid in _session_pids(sid):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+            except (OSError, IndexError):
+                pass
+        return total / os.sysconf("SC_CLK_TCK")
+
+    deadline, last = time.monotonic() + timeout_s, cpu_s()
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        now = cpu_s()
+        if now - last < idle_cores:
+            return
+        last = now
+
+
+def _launch(cmd: list[str], log_path: str, env: dict[str, str], timeout: float) -> tuple[str, float]:
+    """Run one variant's command to its end: (error or "", wall seconds)."""
+    start, error = time.perf_counter(), ""
+    with open(log_path, "w") as log:
+        # A session of its own: everything the variant starts can be found and stopped.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+            if rc != 0:
+                error = f"exit code {rc}"
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {timeout:.0f}s"
+        finally:
+            wall = time.perf_counter() - start
+            _kill_session(proc)
+    return error, wall
+
+
 def run_variant(variant: str, workdir: Path, cores: int, steps: int, timeout: float, rnd: int, cold: bool) -> Result:
     procs, threads = layout(variant, cores)
     run_name = f"{variant}-r{rnd}"
     res = Result(variant, procs, threads, round=rnd, log=str(workdir / f"{run_name}.log"))
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)  # c starts (and pays for) its own local Ray
-    if cold:
-        drop_page_cache()
-    start, launched = time.perf_counter(), time.time()
-    with open(res.log, "w") as log:
-        # A session of its own: everything the variant starts can be found and stopped.
-        proc = subprocess.Popen(
-            _command(variant, workdir, threads, run_name, cold),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-            start_new_session=True,
-        )
-        try:
-            rc = proc.wait(timeout=timeout)
-            res.wall_s = time.perf_counter() - start
-            if rc != 0:
-                res.error = f"exit code {rc}"
-        except subprocess.TimeoutExpired:
-            res.error = f"timed out after {timeout:.0f}s"
-        finally:
-            _kill_session(proc)
+    head = None
+    try:
+        if variant == "j1":  # before the clock: a Ray that is running and has served a run, as when iterating
+            head = _ray_start(workdir, env)
+            warm = f"{run_name}-first"
+            res.error, _ = _launch(
+                _command(variant, workdir, threads, warm, cold), str(workdir / f"{warm}.log"), env, timeout
+            )
+            if res.error:
+                res.error, res.log = f"its first run: {res.error}", str(workdir / f"{warm}.log")
+                return res
+        if cold:
+            drop_page_cache()
+        launched = time.time()
+        res.error, wall = _launch(_command(variant, workdir, threads, run_name, cold), res.log, env, timeout)
+        if not res.error:
+            res.wall_s = wall
+    except RuntimeError as e:  # `ray start` did not come up
+        res.error = str(e)
+        return res
+    finally:
+        if head is not None:
+            _kill_session(head)
+            shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     out = workdir / f"{run_name}.json"
     if not res.error:
         if not out.exists():
@@ -391,6 +461,7 @@ def config_overrides(args: argparse.Namespace, workdir: Path, cores: int) -> lis
         "trainer.max_failures=0",  # a failure fails the variant instead of restarting mid-measurement
         "tracking=disabled",
         "cluster.device=cpu", "cluster.backend=gloo", "cluster.precision=fp32",
+        "cluster.address=local",  # a Ray of each variant's own, even where `ray start` runs one (j1 joins that)
         # The strictest layout (2 workers), so validation covers every variant's batch split.
         "cluster.num_workers=2", f"cluster.cpus_per_worker={max(1, cores // 2)}",
         f"hydra.run.dir={workdir / 'run'}",
