@@ -423,6 +423,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--only", default=",".join(VARIANTS), help="variants to run (default: %(default)s)")
+    p.add_argument(
+        "--cores",
+        type=int,
+        help="cores the variants' threads use (default: all); fewer leaves the rest to Ray's own processes",
+    )
     p.add_argument("--out", help="write the results as JSON to this file")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per variant before it is killed")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, run dirs) even on success")
@@ -551,7 +556,10 @@ def main() -> int:
     from distlm.models import build_model, count_parameters, flops_per_token
     from distlm.tracking import measure_matmul_peak
 
-    cores = num_cores()
+    cores = args.cores or num_cores()
+    if not 1 <= cores <= num_cores():
+        console.print(f"[red]--cores={args.cores}: use 1..{num_cores()}")
+        return 2
     workdir = Path(tempfile.mkdtemp(prefix="distlm-bench-"))
     overrides = config_overrides(args, workdir, cores)
     (workdir / "overrides.json").write_text(json.dumps(overrides))
@@ -576,7 +584,7 @@ def main() -> int:
     load_before = os.getloadavg()[0]
     console.print(
         f"{n_params / 1e6:.2f}M params, {fpt / 1e6:.1f} MFLOP/token, {tokens_per_step} tokens/step, {args.steps} steps "
-        f"({warmup} warm-up skipped), ZeRO-{cfg.zero.stage} for b/c, {cores} cores, load {load_before:.1f}"
+        f"({warmup} warm-up skipped), ZeRO-{cfg.zero.stage} for b/c, {cores} of {num_cores()} cores, load {load_before:.1f}"
     )
     console.print(f"work dir: {workdir}")
 
@@ -618,7 +626,8 @@ def main() -> int:
         )
     resolved = ["--model", args.model, "--steps", str(args.steps), "--micro-batch", str(args.micro_batch),
                 "--global-batch", str(args.global_batch), "--seq-len", str(args.seq_len), "--only", ",".join(only),
-                "--rounds", str(args.rounds)] + (["--cold"] if args.cold else [])  # fmt: skip
+                "--rounds", str(args.rounds)] + (["--cold"] if args.cold else []) \
+        + (["--cores", str(cores)] if args.cores else [])  # fmt: skip
     command = shlex.join([sys.executable, str(Path(__file__).resolve()), *resolved, *args.overrides])
     console.print(f"reproduce: {command}", soft_wrap=True, markup=False, highlight=False)
     if args.out:
