@@ -166,7 +166,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """The memory pre-flight's estimate per worker for the composed run, for every ZeRO preset."""
-
     from distlm.config import ConfigError, compose
 
     try:
