@@ -75,6 +75,7 @@ def test_a_run_joins_the_ray_that_ray_start_runs_here(ray_tmp, tmp_path):
             time.sleep(0.5)
         recorded = record.read_text().strip()
         assert ray_target(None).address == recorded
+        (session,) = (ray_tmp / "ray").glob("session_2*")  # the head's (the probes' own Ray adds another)
 
         probe = (
             "import sys, ray; from distlm.runtime import init_ray;"
@@ -94,12 +95,8 @@ def test_a_run_joins_the_ray_that_ray_start_runs_here(ray_tmp, tmp_path):
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert f"joined the Ray that `ray start` runs at {recorded}" in result.stdout + result.stderr
         assert json.loads((run_dir / "summary.json").read_text())["final_val_loss"] is not None
-        # The run's workers were that Ray's: Ray Train's worker logged into its session.
-        logs = "".join(
-            p.read_text(errors="replace")
-            for p in (ray_tmp / "ray" / "session_latest" / "logs").glob("*")
-            if p.is_file()
-        )
+        # The run's workers were that Ray's: Ray Train's worker logged into the head's session.
+        logs = "".join(p.read_text(errors="replace") for p in (session / "logs").glob("*") if p.is_file())
         assert "RayTrainWorker" in logs
     finally:  # this Ray only (`ray stop` would stop every Ray on the machine)
         head.terminate()
