@@ -36,6 +36,7 @@ from distlm.serve.engines.base import (
     TokenEvent,
     TokenLogprob,
 )
+from distlm.serve.grammar import Constraint, json_constraint
 from distlm.serve.protocol import (
     ApiError,
     ChatCompletion,
@@ -46,10 +47,12 @@ from distlm.serve.protocol import (
     ErrorResponse,
     Health,
     ModelList,
+    NamedToolChoice,
     describe_validation_error,
     error_body,
     error_response,
 )
+from distlm.tools import ToolStream, call_grammar, parse_calls
 
 OPEN_PATHS = ("/healthz",)
 
@@ -421,6 +424,52 @@ class _Checks:
                 "invalid_value",
             )
 
+    def constraint(self, body, tools: Optional[List[Dict[str, Any]]] = None) -> Optional[Constraint]:
+        """The grammar a request's output must match: its response_format, or a forced tool call."""
+        fmt = body.response_format
+        choice = getattr(body, "tool_choice", None)
+        forced = choice == "required" or isinstance(choice, NamedToolChoice)
+        if choice is not None and not tools:
+            raise ApiError(
+                400, "tool_choice needs tools: send the tools the model may call", "tool_choice", "invalid_value"
+            )
+        if forced and fmt is not None and fmt.type != "text":
+            raise ApiError(
+                400,
+                f"response_format={fmt.type} and a forced tool call cannot both constrain the output: drop one",
+                "response_format",
+                "invalid_value",
+            )
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t["function"]["name"] for t in tools}:
+            raise ApiError(
+                400,
+                f"tool_choice names the function '{choice.function.name}', which is not among the tools "
+                f"({', '.join(t['function']['name'] for t in tools)})",
+                "tool_choice",
+                "invalid_value",
+            )
+        if forced:
+            name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+            parallel = getattr(body, "parallel_tool_calls", None) is not False
+            constraint = Constraint(call_grammar(tools, name, parallel), "tool_choice")
+            param = "tools"
+        elif fmt is None or fmt.type == "text":
+            return None
+        elif fmt.type == "json_object":
+            constraint, param = json_constraint({"type": "object"}), "response_format"
+        else:
+            constraint, param = json_constraint(fmt.json_schema.schema_), "response_format.json_schema.schema"
+        if body.ignore_eos:
+            raise ApiError(
+                400, f"ignore_eos cannot go with {constraint.what}: the grammar ends the output", "ignore_eos"
+            )
+        error = self.text.grammars.check(constraint)
+        if error:
+            raise ApiError(
+                400, f"the JSON schema cannot be used to constrain the output: {error}", param, "invalid_schema"
+            )
+        return constraint
+
     def choices_for(
         self, body, prompts: List[List[int]], max_tokens: Optional[int], params: Dict[str, Any]
     ) -> List[_Choice]:
@@ -433,6 +482,7 @@ class _Checks:
                 "invalid_value",
             )
         self.check_ids(list(body.stop_token_ids or []), "stop_token_ids")
+        self.check_ids(list(body.bias), "logit_bias")
         adapter = self.adapter_for(body.model)
         scoring = max_tokens == 0
         budgets = [self.budget(len(ids), max_tokens, scoring) for ids in prompts]
@@ -447,6 +497,9 @@ class _Checks:
                     seed=None if body.seed is None else body.seed + j,  # n seeded choices differ, reproducibly
                     stop_token_ids=list(body.stop_token_ids or []),
                     ignore_eos=body.ignore_eos,
+                    presence_penalty=body.presence_penalty,
+                    frequency_penalty=body.frequency_penalty,
+                    logit_bias=body.bias,
                     **params,
                 )
                 needed = tokens > 0 or sampling.prompt_logprobs is not None
@@ -475,6 +528,7 @@ async def _completions(body: CompletionRequest, engine: Engine, checks: _Checks)
             "invalid_value",
         )
     params = {"logprobs": body.logprobs, "prompt_logprobs": body.logprobs if body.echo else None}
+    params["constraint"] = checks.constraint(body)
     choices = checks.choices_for(body, prompts, body.max_tokens, params)
     reply = _Reply("cmpl", "text_completion", body.model, sum(len(p) for p in prompts))
     want_logprobs = body.logprobs is not None
@@ -547,29 +601,46 @@ async def _completions(body: CompletionRequest, engine: Engine, checks: _Checks)
 
 
 async def _chat_completions(body: ChatCompletionRequest, engine: Engine, checks: _Checks):
-    """POST /v1/chat/completions: the chat template's prompt, n choices; streamed, or whole with usage."""
+    """POST /v1/chat/completions: the chat template's prompt (with the tools), n choices; streamed,
+    or whole with usage. With tools (and tool_choice other than none) the model's call blocks
+    become `tool_calls` (distlm/tools.py) and the choice finishes with "tool_calls"."""
     text = engine.text
-    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     try:
-        prompt_ids = text.encode_chat(messages)
+        prompt_ids = text.encode_chat([m.template_dict() for m in body.messages], tools)
     except ValueError as e:
         raise ApiError(400, str(e), "messages", "invalid_value") from None
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
     params = {"logprobs": (body.top_logprobs or 0) if body.logprobs else None}
+    params["constraint"] = checks.constraint(body, tools)
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         checks.budget(len(prompt_ids), body.max_tokens, False)  # both are checked; max_completion_tokens counts
     choices = checks.choices_for(body, [prompt_ids], body.max_completion_tokens or body.max_tokens, params)
     reply = _Reply("chatcmpl", "chat.completion", body.model, len(prompt_ids))
+    names = [t["function"]["name"] for t in tools] if tools and body.tool_choice != "none" else []
+
+    def finish_reason(finish: Optional[str], called: bool) -> Optional[str]:
+        return "tool_calls" if called and finish == "stop" else finish
 
     if body.stream:
 
         async def chunks() -> AsyncIterator[Dict[str, Any]]:
             started: set = set()
+            streams = {c.index: ToolStream(names) for c in choices}
+            called = {c.index: 0 for c in choices}
             count = 0
             async for choice, event in _merged(engine, choices):
                 count += event.token_id is not None
-                delta: Dict[str, Any] = {"content": event.text}
+                content, calls = streams[choice.index].feed(event.text) if names else (event.text, [])
+                if event.finish_reason is not None and names:
+                    rest, more = streams[choice.index].finish()
+                    content, calls = content + rest, calls + more
+                delta: Dict[str, Any] = {"content": content}
+                if calls:
+                    first = called[choice.index]
+                    delta["tool_calls"] = [c.openai(first + i) for i, c in enumerate(calls)]
+                    called[choice.index] += len(calls)
                 if choice.index not in started:
                     started.add(choice.index)
                     delta = {"role": "assistant"} | delta
@@ -578,7 +649,7 @@ async def _chat_completions(body: ChatCompletionRequest, engine: Engine, checks:
                     token = [event] if event.token_id is not None else []  # a label has no token
                     logprobs = {"content": [_chat_logprob(text, e.logprob) for e in token]}
                 out = {"index": choice.index, "delta": delta, "logprobs": logprobs}
-                finish = {"finish_reason": event.finish_reason}
+                finish = {"finish_reason": finish_reason(event.finish_reason, called[choice.index] > 0)}
                 yield reply.body("chat.completion.chunk", [out | finish], agent=event.trace)
             if body.stream_options is not None and body.stream_options.include_usage:
                 yield reply.body("chat.completion.chunk", [], reply.usage(count))
@@ -594,7 +665,13 @@ async def _chat_completions(body: ChatCompletionRequest, engine: Engine, checks:
     out = []
     for choice in choices:
         got = events[choice.index]
-        message = {"role": "assistant", "content": "".join(e.text for e in got)}
+        content: Optional[str] = "".join(e.text for e in got)
+        message: Dict[str, Any] = {"role": "assistant", "content": content}
+        calls = []
+        if names:
+            message["content"], calls = parse_calls(content, names)
+            if calls:
+                message["tool_calls"] = [c.openai() for c in calls]
         tokens = [e for e in got if e.token_id is not None]  # a classification task's label has none
         logprobs = {"content": [_chat_logprob(text, e.logprob) for e in tokens]} if body.logprobs else None
         out.append(
@@ -602,7 +679,7 @@ async def _chat_completions(body: ChatCompletionRequest, engine: Engine, checks:
                 "index": choice.index,
                 "message": message,
                 "logprobs": logprobs,
-                "finish_reason": got[-1].finish_reason,
+                "finish_reason": finish_reason(got[-1].finish_reason, bool(calls)),
             }
         )
     count = sum(e.token_id is not None for v in events.values() for e in v)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.responses import JSONResponse
 from typing_extensions import Annotated
 
@@ -89,18 +89,16 @@ class _Sampling(_Request):
     )
     ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
     user: Optional[str] = None
-    # Accepted so that clients which send these at their neutral values work unchanged; any other
-    # value is refused rather than silently ignored.
-    presence_penalty: float = Field(0.0, json_schema_extra={"minimum": 0, "maximum": 0})
-    frequency_penalty: float = Field(0.0, json_schema_extra={"minimum": 0, "maximum": 0})
-    logit_bias: Optional[Dict[str, float]] = Field(None, json_schema_extra={"maxProperties": 0})
-
-    @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
-    @classmethod
-    def _neutral_only(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("is not supported by this server (only 0, null or {} are accepted)")
-        return value
+    # As vLLM applies them: the penalties count this choice's generated tokens (not the prompt's).
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="subtracted from the logit of every token generated so far"
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="subtracted from a token's logit once per time it was generated"
+    )
+    logit_bias: Optional[
+        Dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]]
+    ] = Field(None, description="token id (as a string) -> a bias added to its logit before sampling")
 
     @field_validator("stop")
     @classmethod
@@ -108,6 +106,10 @@ class _Sampling(_Request):
         for s in [value] if isinstance(value, str) else value or []:
             _valid_unicode(s, "stop sequence")
         return value
+
+    @property
+    def bias(self) -> Dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
     @property
     def stops(self) -> List[str]:
@@ -131,6 +133,39 @@ def _requires(field: str, value: Any, other: str, other_value: Any) -> Dict[str,
     }
 
 
+Name = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class ResponseFormatText(_Request):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(_Request):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: Name
+    description: Optional[str] = None
+    schema_: Dict[str, Any] = Field(default_factory=dict, alias="schema", description="a JSON Schema")
+    strict: Optional[bool] = Field(None, description="the output always matches the schema (constrained decoding)")
+
+
+class ResponseFormatJsonSchema(_Request):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[
+    Union[ResponseFormatText, ResponseFormatJsonObject, ResponseFormatJsonSchema], Field(discriminator="type")
+]
+_RESPONSE_FORMAT = Field(
+    None, description="json_object or json_schema: the output is constrained to JSON (matching the schema)"
+)
+
+
 class CompletionRequest(_Sampling):
     model_config = ConfigDict(json_schema_extra=_requires("max_tokens", 0, "echo", True))
 
@@ -143,6 +178,7 @@ class CompletionRequest(_Sampling):
         None, ge=0, le=MAX_LOGPROBS, description="the log-probability of each token and of this many likeliest"
     )
     echo: bool = Field(False, description="return the prompt before the completion (with its log-probabilities)")
+    response_format: Optional[ResponseFormat] = _RESPONSE_FORMAT
 
     @field_validator("prompt")
     @classmethod
@@ -168,17 +204,77 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: NonEmpty
+    arguments: str = Field(description="the arguments as a JSON object's text")
+
+
+class ToolCallIn(_Request):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, List[TextPart]] = Field(description='a string or a list of {"type": "text", "text": ...} parts')
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, List[TextPart], None] = Field(
+        None,
+        description='a string or a list of {"type": "text", "text": ...} parts; null only for an assistant\'s tool calls',
+    )
     name: Optional[str] = None
+    tool_calls: Optional[List[ToolCallIn]] = Field(None, description="an assistant's calls (role assistant)")
+    tool_call_id: Optional[str] = Field(None, description="the call a tool result answers (role tool)")
+    refusal: Optional[str] = None  # the openai client may send it back in an assistant message
 
     @field_validator("content")
     @classmethod
-    def _text(cls, value: Any) -> str:
+    def _text(cls, value: Any) -> Optional[str]:
         if isinstance(value, list):
             value = "".join(p.text for p in value)
-        return _valid_unicode(value, "content")
+        return None if value is None else _valid_unicode(value, "content")
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("only a tool message has tool_call_id")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id (the id of the call it answers)")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is missing (only an assistant message with tool_calls may leave it out)")
+        return self
+
+    def template_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class FunctionDef(_Request):
+    name: Name
+    description: Optional[str] = None
+    parameters: Optional[Dict[str, Any]] = Field(None, description="a JSON Schema of the arguments object")
+    strict: Optional[bool] = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Request):
+    name: Name
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
@@ -191,11 +287,21 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Optional[int] = Field(
         None, ge=0, le=MAX_LOGPROBS, description="with logprobs: also this many likeliest tokens per position"
     )
+    tools: Optional[Annotated[List[Tool], Field(max_length=128)]] = Field(
+        None, description="function tools the model may call"
+    )
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = Field(
+        None,
+        description="auto (the default with tools): the model decides; required or a named function: a call is "
+        "forced and its arguments match the tool's parameters schema; none: text only",
+    )
+    parallel_tool_calls: Optional[bool] = Field(None, description="with tool_choice=required: one or more calls")
+    response_format: Optional[ResponseFormat] = _RESPONSE_FORMAT
 
 
 # ---------------------------------------------------------------- responses (for the OpenAPI document)
 
-FinishReason = Optional[Literal["stop", "length"]]
+FinishReason = Optional[Literal["stop", "length", "tool_calls"]]
 
 
 class ErrorDetail(BaseModel):
@@ -271,16 +377,28 @@ class ChatLogprobs(BaseModel):
     content: List[TokenLogprobOut]
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str = Field(description="a JSON object's text")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: Optional[str] = Field(description="null when the answer is only tool calls")
+    tool_calls: Optional[List[ToolCallOut]] = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: Optional[ChatLogprobs]
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletion(BaseModel):
@@ -293,9 +411,14 @@ class ChatCompletion(BaseModel):
     agent: Optional[AgentTrace] = _AGENT
 
 
+class ToolCallDelta(ToolCallOut):
+    index: int
+
+
 class Delta(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[List[ToolCallDelta]] = Field(None, description="each call whole, once its text is complete")
 
 
 class ChatChunkChoice(BaseModel):
@@ -342,6 +465,7 @@ UNION_HINTS = {
     "prompt": "must be a non-empty string, a list of them, a list of token ids or a list of lists of token ids",
     "stop": f"must be a non-empty string or a list of at most {MAX_STOP_SEQUENCES} of them",
     "content": 'must be a string or a list of {"type": "text", "text": ...} parts',
+    "tool_choice": 'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
 }
 
 

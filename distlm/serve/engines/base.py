@@ -13,7 +13,9 @@ import re
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
+
+from distlm.serve.grammar import Constraint, Grammars
 
 # Below this temperature a request decodes greedily (vLLM uses the same threshold): dividing the
 # logits by a tinier one overflows the sampler.
@@ -34,6 +36,11 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
+    # Applied to the logits before temperature and top_p (log-probabilities stay the model's own).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Dict[int, float] = field(default_factory=dict)
+    constraint: Optional[Constraint] = None  # the output must match this grammar (then ends)
 
     @property
     def greedy(self) -> bool:
@@ -133,17 +140,33 @@ class ModelText:
     def encode(self, text: str) -> List[int]:
         return self.tokenizer(text).input_ids
 
-    def encode_chat(self, messages: List[Dict[str, str]]) -> List[int]:
-        """The chat template's prompt for the assistant's next turn. Raises ValueError if the template refuses."""
+    def encode_chat(self, messages: List[Dict[str, Any]], tools: Optional[List[Dict[str, Any]]] = None) -> List[int]:
+        """The chat template's prompt for the assistant's next turn, with the tools the model may
+        call (distlm/tools.py: rendered by the template if it knows tools, else in the system
+        message). Raises ValueError if the template refuses."""
         from jinja2 import TemplateError
 
+        from distlm.tools import chat_messages, renders_tools
+
+        messages, template_tools = chat_messages(messages, tools, renders_tools(self.chat_template))
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+                messages,
+                tools=template_tools,
+                chat_template=self.chat_template,
+                add_generation_prompt=True,
+                tokenize=False,
             )
         except TemplateError as e:
             raise ValueError(f"the chat template rejected the messages: {e}") from e
         return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    @property
+    def grammars(self) -> Grammars:
+        """The tokenizer as the grammar library sees it (built on first use: ~0.5 s)."""
+        if getattr(self, "_grammars", None) is None:
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, sorted(self.eos_ids))
+        return self._grammars
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

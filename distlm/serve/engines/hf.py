@@ -38,6 +38,7 @@ from distlm.serve.engines.base import (
     TokenEvent,
     TokenLogprob,
 )
+from distlm.serve.grammar import Matcher
 
 # peft's adapter name for "no adapter" in a mixed-adapter batch (adapter_names=[...]).
 BASE_ADAPTER = "__base__"
@@ -109,10 +110,15 @@ def _growing_cache_layer():
 class _Sampler:
     """Greedy at temperature 0 (below GREEDY_BELOW); otherwise temperature + nucleus (top_p)
     sampling from a per-request generator, so a seeded request samples the same tokens whatever
-    else is in its batch."""
+    else is in its batch. Before that, as vLLM orders them: the grammar's mask, logit_bias, and
+    the presence and frequency penalties over the tokens this request generated."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, matcher: Optional[Matcher] = None) -> None:
         self.greedy, self.temperature, self.top_p = params.greedy, params.temperature, params.top_p
+        self.matcher = matcher
+        self.bias = params.logit_bias
+        self.presence, self.frequency = params.presence_penalty, params.frequency_penalty
+        self.counts: dict = {}  # generated token -> times
         self.generator = None
         if not self.greedy:
             self.generator = torch.Generator()
@@ -122,6 +128,30 @@ class _Sampler:
                 self.generator.manual_seed(params.seed % 2**64)  # negative seeds wrap, as numpy's do not
 
     def pick(self, logits: torch.Tensor) -> int:
+        if self.matcher is not None or self.bias or ((self.presence or self.frequency) and self.counts):
+            logits = self._adjusted(logits)
+        token = self._sample(logits)
+        self.counts[token] = self.counts.get(token, 0) + 1
+        if self.matcher is not None:
+            self.matcher.advance(token)
+        return token
+
+    def _adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        if self.matcher is not None:
+            self.matcher.restrict(logits)
+            if not bool(torch.isfinite(logits).any()):
+                raise EngineError("the request's grammar allows no token here")
+        if self.bias:
+            ids = torch.tensor(list(self.bias), device=logits.device)
+            logits[ids] += torch.tensor(list(self.bias.values()), device=logits.device, dtype=logits.dtype)
+        if (self.presence or self.frequency) and self.counts:
+            ids = torch.tensor(list(self.counts), device=logits.device)
+            counts = torch.tensor(list(self.counts.values()), device=logits.device, dtype=logits.dtype)
+            logits[ids] -= self.frequency * counts + self.presence
+        return logits
+
+    def _sample(self, logits: torch.Tensor) -> int:
         if self.greedy:
             return int(logits.argmax())
         probs = torch.softmax(logits / self.temperature, dim=-1)
@@ -144,7 +174,8 @@ class _Seq:
     def __init__(self, request: GenerationRequest, text: ModelText) -> None:
         self.request, self.params = request, request.params
         self.stream = TextStream(text, request.params)
-        self.sampler = _Sampler(request.params)
+        constraint = request.params.constraint
+        self.sampler = _Sampler(request.params, text.grammars.matcher(constraint) if constraint else None)
         self.out: asyncio.Queue = asyncio.Queue()
         self.arrived = time.monotonic()
         self.cancelled = False

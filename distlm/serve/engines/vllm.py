@@ -124,14 +124,17 @@ class VLLMEngine(Engine):
             enforce_eager=enforce_eager,
             disable_log_stats=True,
             seed=0,
+            # The same grammar library as the HF engine, given the same Lark grammars (serve/grammar.py).
+            structured_outputs_config={"backend": "guidance"},
         )
         self.engine = AsyncLLM.from_engine_args(args)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         from vllm import SamplingParams as VSampling
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         p = request.params
+        structured = None if p.constraint is None else StructuredOutputsParams(grammar=p.constraint.lark)
         sampling = VSampling(
             n=1,
             temperature=0.0 if p.greedy else p.temperature,
@@ -144,6 +147,10 @@ class VLLMEngine(Engine):
             prompt_logprobs=p.prompt_logprobs,
             stop_token_ids=list(p.stop_token_ids),
             ignore_eos=p.ignore_eos,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            logit_bias=dict(p.logit_bias) or None,
+            structured_outputs=structured,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
         )
