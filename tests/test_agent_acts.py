@@ -79,7 +79,13 @@ def served(tmp_path_factory, smollm2_dir, ray_session):
             (export / f.name).symlink_to(f.resolve())
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"path": str(run), "engine": "hf", "api_key": "test-key", "max_batch_size": "20", "max_ongoing_requests": "32"}
+    args = {
+        "path": str(run),
+        "engine": "hf",
+        "api_key": "test-key",
+        "max_batch_size": "20",
+        "max_ongoing_requests": "32",
+    }
     serve.run(build_app(args), name="acts", route_prefix="/")
     yield {"url": f"http://127.0.0.1:{port}", "client": openai_client(f"http://127.0.0.1:{port}"), "dir": export}
     serve.shutdown()
@@ -158,7 +164,10 @@ def test_json_schema_output_for_20_schemas_and_openai_parse(served):
         return client.chat.completions.create(
             model=NAME,
             messages=[{"role": "user", "content": f"Describe item {i} as JSON."}],
-            response_format={"type": "json_schema", "json_schema": {"name": f"item{i}", "schema": schemas[i], "strict": True}},
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": f"item{i}", "schema": schemas[i], "strict": True},
+            },
             max_tokens=160,
             temperature=0,
         )

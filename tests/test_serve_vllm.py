@@ -160,3 +160,46 @@ def test_over_http_mixed_requests_logprobs_and_harness(server, reference):
     assert served_accuracy == direct_accuracy
     for a, b in zip(served, direct):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_vllm_constrains_tool_calls_and_json_and_applies_logit_bias(server):
+    """The same Lark grammars through vLLM's structured outputs (llguidance backend): a forced
+    call and a json_schema answer validate; logit_bias and the penalties reach vLLM's sampler."""
+    import json
+
+    import jsonschema
+
+    client = openai_client(server["url"])
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    }
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": schema}}]
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    reply = client.chat.completions.create(
+        model=NAME, messages=messages, tools=tools, tool_choice="required", max_tokens=48, temperature=0
+    )
+    (call,) = reply.choices[0].message.tool_calls
+    assert call.function.name == "weather" and reply.choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+    answer = client.chat.completions.create(
+        model=f"{NAME}:alpha",
+        messages=messages,
+        response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}},
+        max_tokens=48,
+        temperature=0,
+    )
+    jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
+    token = 28  # any id in the vocabulary: a bias of 100 makes it the greedy choice every time
+    forced = client.completions.create(
+        model=NAME, prompt="Hello", max_tokens=3, temperature=0, logit_bias={str(token): 100}
+    )
+    assert forced.choices[0].logprobs is None and forced.usage.completion_tokens == 3
+    plain = client.completions.create(model=NAME, prompt="Hello", max_tokens=3, temperature=0, logprobs=0)
+    biased = client.completions.create(
+        model=NAME, prompt="Hello", max_tokens=3, temperature=0, logprobs=0, logit_bias={str(token): 100}
+    )
+    assert biased.choices[0].logprobs.tokens != plain.choices[0].logprobs.tokens
+    assert len(set(biased.choices[0].logprobs.tokens)) == 1
