@@ -130,9 +130,7 @@ def parse_calls(text: str, names: Sequence[str]) -> Tuple[Optional[str], List[To
     call of one of the tools stays in the text."""
     stream = ToolStream(names)
     content, calls = stream.feed(text)
-    more, rest = stream.finish()
-    content += more
-    calls += rest
+    content += stream.finish()
     return (content if content.strip() or not calls else None), calls
 
 
@@ -164,10 +162,10 @@ class ToolStream:
                 calls.append(call)
         return content, calls
 
-    def finish(self) -> Tuple[str, List[ToolCall]]:
-        """What is still held at the end: text (an unfinished block is text)."""
+    def finish(self) -> str:
+        """What is still held at the end, as text (an unfinished block is text)."""
         held, self.held = self.held, ""
-        return held, []
+        return held
 
 
 def _partial_prefix(text: str, marker: str) -> int:

@@ -266,7 +266,8 @@ def test_tool_call_text_parses_whole_and_streamed_the_same():
         for i in range(0, len(text), size):
             piece, found = stream.feed(text[i : i + size])
             got_text, got_calls = got_text + piece, got_calls + found
-        rest, _ = stream.finish()
-        assert got_text + rest == content and [c.arguments for c in got_calls] == [c.arguments for c in calls]
+        assert got_text + stream.finish() == content and [c.arguments for c in got_calls] == [
+            c.arguments for c in calls
+        ]
     assert parse_calls("<tool_call>{unfinished", names) == ("<tool_call>{unfinished", [])
     assert parse_calls("no calls at all", names) == ("no calls at all", [])

@@ -634,8 +634,7 @@ async def _chat_completions(body: ChatCompletionRequest, engine: Engine, checks:
                 count += event.token_id is not None
                 content, calls = streams[choice.index].feed(event.text) if names else (event.text, [])
                 if event.finish_reason is not None and names:
-                    rest, more = streams[choice.index].finish()
-                    content, calls = content + rest, calls + more
+                    content += streams[choice.index].finish()
                 delta: Dict[str, Any] = {"content": content}
                 if calls:
                     first = called[choice.index]

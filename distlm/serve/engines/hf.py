@@ -118,7 +118,7 @@ class _Sampler:
         self.matcher = matcher
         self.bias = params.logit_bias
         self.presence, self.frequency = params.presence_penalty, params.frequency_penalty
-        self.counts: dict = {}  # generated token -> times
+        self.counts: dict = {}  # generated token -> times (kept only with a penalty)
         self.generator = None
         if not self.greedy:
             self.generator = torch.Generator()
@@ -128,10 +128,11 @@ class _Sampler:
                 self.generator.manual_seed(params.seed % 2**64)  # negative seeds wrap, as numpy's do not
 
     def pick(self, logits: torch.Tensor) -> int:
-        if self.matcher is not None or self.bias or ((self.presence or self.frequency) and self.counts):
+        if self.matcher is not None or self.bias or self.counts:
             logits = self._adjusted(logits)
         token = self._sample(logits)
-        self.counts[token] = self.counts.get(token, 0) + 1
+        if self.presence or self.frequency:
+            self.counts[token] = self.counts.get(token, 0) + 1
         if self.matcher is not None:
             self.matcher.advance(token)
         return token
@@ -145,7 +146,7 @@ class _Sampler:
         if self.bias:
             ids = torch.tensor(list(self.bias), device=logits.device)
             logits[ids] += torch.tensor(list(self.bias.values()), device=logits.device, dtype=logits.dtype)
-        if (self.presence or self.frequency) and self.counts:
+        if self.counts:
             ids = torch.tensor(list(self.counts), device=logits.device)
             counts = torch.tensor(list(self.counts.values()), device=logits.device, dtype=logits.dtype)
             logits[ids] -= self.frequency * counts + self.presence
