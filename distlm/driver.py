@@ -150,7 +150,11 @@ def run(
         console.log(
             f"the worker group was restarted {restarts} time(s) after infrastructure failures: {run_dir / FAILURE_LOG}"
         )
-    checkpoint = result.checkpoint.path
+    # None when the run resumed from a checkpoint already at max_steps (killed after its last save,
+    # before Ray registered it): nothing was trained, and that checkpoint is the run's last.
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else resumed
+    if checkpoint is None:
+        raise RuntimeError(f"the run ended without a checkpoint: see {run_dir / 'logs'}")
     step = checkpoint_step(checkpoint)
     best = _best_step(metrics_path, cfg)
     if best is not None and best != step and not stop.requested:
