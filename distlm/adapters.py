@@ -14,7 +14,7 @@ import torch
 
 from distlm.config import AdapterConfig
 from distlm.export import ADAPTERS_DIR
-from distlm.heads import ROUTER
+from distlm.heads import ROUTER, language_model
 
 SHARED = "shared"
 
@@ -130,7 +130,7 @@ def param_groups(model: torch.nn.Module, cfg: AdapterConfig, tasks: List[str], w
     from distlm.engine import param_groups as default_groups
 
     heads = getattr(model, "heads", None)
-    lm = getattr(model, "lm", model)
+    lm = language_model(model)
     task_steps = [t for t in tasks if t != ROUTER]
     if cfg.name == "per_task_lora":
         groups = []
@@ -150,10 +150,6 @@ def param_groups(model: torch.nn.Module, cfg: AdapterConfig, tasks: List[str], w
             }
         )
     return [g for g in groups if g["params"]]
-
-
-def trainable_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def save_adapter_configs(model: torch.nn.Module, directory: str) -> None:

@@ -56,10 +56,6 @@ class Heads:
     def router(self) -> Optional[str]:
         return ROUTER if ROUTER in self.layers else None
 
-    @property
-    def classifiers(self) -> List[str]:
-        return [name for name in self.layers if name != ROUTER]
-
     def to(self, device, dtype) -> Heads:
         self.layers = {name: layer.to(device=device, dtype=dtype) for name, layer in self.layers.items()}
         return self

@@ -245,7 +245,9 @@ def evaluate_agent(model, tokenizer, tasks: Dict[str, TaskData], cfg: TasksConfi
     eval/agent/<task>/score next to the oracle's eval/<task>/score (the example's own layer)."""
     metrics: Dict[str, float] = {}
     routed_right = counted = 0
-    lm = getattr(model, "lm", model)
+    from distlm.heads import language_model
+
+    lm = language_model(model)
     for name, task in tasks.items():
         if name == ROUTER:
             continue

@@ -145,6 +145,11 @@ def pooled_hidden(
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The language model inside a TaskModel (the model itself when it has no heads)."""
+    return model.lm if isinstance(model, TaskModel) else model
+
+
 class TaskModel(torch.nn.Module):
     """The language model (with its peft adapters, if any) plus one linear head per classification
     task and, optionally, the router. forward(head=None) is the language model's own forward."""

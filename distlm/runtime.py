@@ -55,17 +55,6 @@ def resolve_runtime(cluster: ClusterConfig, cuda_available: Optional[bool] = Non
     return Runtime(device=device, backend=backend, precision=precision)
 
 
-def serving_device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
-    """serve.device / serve.dtype ('auto': cuda and bf16 when this process sees a GPU, else cpu and fp32)."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bf16" if device == "cuda" else "fp32"
-    return device, torch_dtype(dtype)
-
-
 def all_reduce_sum(values: Sequence[Union[float, torch.Tensor]], device: Union[str, torch.device]) -> List[float]:
     """Sums over ranks in one collective, on the device the backend needs (nccl: the GPU), and one
     host synchronisation for the result. Tensors among the values stay on the device until then."""

@@ -36,7 +36,7 @@ from distlm.data.tasks import ROUTER, load_tasks
 from distlm.engine import Engine
 from distlm.evaluate import evaluate_tasks, validation_loss, write_report
 from distlm.failures import BadSteps, Faults, Heartbeat, SpikeGuard, Where, handle_worker_error
-from distlm.heads import TaskModel, head_adapter, router_layers, write_heads_config
+from distlm.heads import TaskModel, head_adapter, language_model, router_layers, write_heads_config
 from distlm.models import build_model, flops_per_token
 from distlm.runtime import all_reduce_sum, apply_collective_timeout, resolve_runtime
 from distlm.tracking import (
@@ -313,7 +313,7 @@ def save_checkpoint(
         write_train_state(directory, state, rank, world, engine.zero_stage, cfg.trainer.global_batch_size)
         if rank == 0:
             # What `distlm export` needs to rebuild the model (and its adapters and heads) offline.
-            lm = getattr(engine.module, "lm", engine.module)
+            lm = language_model(engine.module)
             _base_model(lm).config.save_pretrained(directory)
             if adapters.adapter_names(cfg.adapter, task_names):
                 adapters.save_adapter_configs(lm, directory)
@@ -352,7 +352,7 @@ def _probe(engine: Engine, batches, tasks, tokenizer, cfg: Config) -> Dict[str, 
         ids = torch.stack([batches.val[i] for i in range(min(2, len(batches.val)))])
     module = engine.module
     module.eval()
-    lm = getattr(module, "lm", module)
+    lm = language_model(module)
     names = adapters.adapter_names(cfg.adapter, list(tasks))
     # The precision the logits were computed in: the export (fp32 master weights) is checked in it.
     probe: Dict[str, Any] = {"input_ids": ids, "precision": engine.runtime.precision}
