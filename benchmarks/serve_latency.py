@@ -15,6 +15,12 @@ concurrency 1 and 16 measure p50/p99 latency, requests/s and generated tokens/s.
 table, the ratios against vLLM's own server and against static batching, and how many
 answers each server shares with vLLM's (greedy: they should all be the same text).
 
+--constrained also sends the same requests to distlm's servers with a `response_format`
+json_schema (a JSON object whose one string field is longer than any answer, so every request
+still generates exactly --max-tokens tokens) and prints constrained / unconstrained tokens/s on
+the same server: what the grammar (llguidance on the HF engine, vLLM's structured outputs on
+vLLM) costs a batch.
+
     .venv/bin/python benchmarks/serve_latency.py smollm2                     # SmolLM2-135M-Instruct, all peers
     .venv/bin/python benchmarks/serve_latency.py runs/<run> --peers static,hf --out serve.json
 
@@ -170,7 +176,18 @@ def start_server(peer: str, export, args, python: str, logs: Path) -> Server:
     return server
 
 
-def measure(server: Server, concurrency: int, requests: int, max_tokens: int, texts: Dict[int, str]) -> Row:
+# Longer than any answer: a constrained request generates all of --max-tokens, as ignore_eos does unconstrained.
+SCHEMA = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "minLength": 2000}},
+    "required": ["text"],
+    "additionalProperties": False,
+}
+
+
+def measure(
+    server: Server, concurrency: int, requests: int, max_tokens: int, texts: Dict[int, str], constrained: bool = False
+) -> Row:
     import httpx
 
     local = threading.local()
@@ -183,8 +200,11 @@ def measure(server: Server, concurrency: int, requests: int, max_tokens: int, te
             "prompt": PROMPTS[i % len(PROMPTS)],
             "max_tokens": max_tokens,
             "temperature": 0,
-            "ignore_eos": True,
         }
+        if constrained:  # ignore_eos cannot go with a grammar (the grammar decides where EOS may come)
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+        else:
+            body["ignore_eos"] = True
         r = local.client.post("/v1/completions", json=body)
         r.raise_for_status()
         reply = r.json()
@@ -194,7 +214,7 @@ def measure(server: Server, concurrency: int, requests: int, max_tokens: int, te
     closed_loop(call, concurrency, min(requests, 2 * concurrency))  # warm-up: allocator, threads, connections
     latencies, tokens, wall = closed_loop(call, concurrency, requests)
     row = Row(
-        server.peer,
+        server.peer + ("+json" if constrained else ""),
         concurrency,
         requests,
         1000 * statistics.median(latencies),
@@ -203,7 +223,7 @@ def measure(server: Server, concurrency: int, requests: int, max_tokens: int, te
         tokens / wall,
     )
     print(
-        f"  {server.peer:9s} c={concurrency:<3d} p50 {row.p50_ms:8.1f} ms  p99 {row.p99_ms:8.1f} ms  "
+        f"  {row.peer:9s} c={concurrency:<3d} p50 {row.p50_ms:8.1f} ms  p99 {row.p99_ms:8.1f} ms  "
         f"{row.req_per_s:7.2f} req/s  {row.tokens_per_s:8.1f} tok/s",
         flush=True,
     )
@@ -239,6 +259,9 @@ def main() -> int:
     parser.add_argument("--kv-cache-gb", type=int, default=4, help="vLLM's CPU KV cache (GiB)")
     parser.add_argument("--start-timeout", type=float, default=1800, help="seconds a server may take to start")
     parser.add_argument("--out", help="also write the rows and ratios as JSON")
+    parser.add_argument(
+        "--constrained", action="store_true", help="also measure json_schema-constrained requests on distlm's servers"
+    )
     args = parser.parse_args()
 
     from distlm.export import find_export
@@ -290,6 +313,8 @@ def main() -> int:
             for c in levels:
                 n = args.requests_c1 if c == 1 else args.requests
                 rows.append(measure(server, c, n, args.max_tokens, texts[peer]))
+                if args.constrained and peer != "vllm-own":
+                    rows.append(measure(server, c, n, args.max_tokens, {}, constrained=True))
         finally:
             server.stop()
 
@@ -316,6 +341,13 @@ def main() -> int:
         ratios[f"hf continuous / static batching: tokens/s at c={hi}"] = (
             get("hf", hi).tokens_per_s / get("static", hi).tokens_per_s
         )
+    for peer in ("static", "hf", "vllm"):
+        for c in levels:
+            plain, json_rows = get(peer, c), get(peer + "+json", c)
+            if plain and json_rows:
+                ratios[f"{peer} json_schema / unconstrained: tokens/s at c={c}"] = (
+                    json_rows.tokens_per_s / plain.tokens_per_s
+                )
     if "vllm-own" in texts:
         for peer in peers:
             if peer != "vllm-own":
