@@ -64,7 +64,7 @@ def tokenizer(which: str):
         import sys
 
         sys.path.insert(0, str(REPO / "tests"))
-        from conftest import compose_cfg
+        from helpers import compose_cfg
 
         from distlm.data import prepare_data
 

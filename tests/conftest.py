@@ -3,37 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
-from typing import List
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-# A shared data cache for all tests: the tokenizer and token files are built once.
-CACHE = os.environ.get("DISTLM_TEST_CACHE", str(REPO / "runs" / ".cache"))
+from helpers import CACHE, REPO  # noqa: F401 (fixtures below use them)
 
 # tests/gpu runs with `make gpu-test` (DISTLM_GPU_TESTS=1), on a machine with a GPU.
 collect_ignore = [] if os.environ.get("DISTLM_GPU_TESTS") else ["gpu"]
-
-# The tiny end-to-end recipe most tests use; W&B stays offline and local.
-TINY = ["experiment=pretrain_tiny", f"data.cache_dir={CACHE}"]
-
-
-def compose_cfg(overrides: List[str], run_dir: Path):
-    from distlm.config import compose
-
-    cfg, _ = compose([*TINY, f"hydra.run.dir={run_dir}", *overrides])
-    return cfg
-
-
-def distlm_cmd(*args: str) -> List[str]:
-    return [sys.executable, "-m", "distlm.cli", *args]
-
-
-def run_cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(distlm_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO, **kwargs)
 
 
 @pytest.fixture(scope="session")

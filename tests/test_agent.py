@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg, run_cli
-from test_tasks import _tiny_pretrained
+from helpers import compose_cfg, run_cli, tiny_pretrained
 
 from distlm.config import ConfigError, TaskConfig, TasksConfig, compose
 from distlm.data.batches import TaskBatches
@@ -199,7 +198,7 @@ def test_router_features_are_the_first_layers_through_the_final_norm(arch, tmp_p
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     directory = tmp_path_factory.mktemp("pretrained") / "model"
-    _tiny_pretrained(directory)
+    tiny_pretrained(directory)
     return directory
 
 
@@ -329,9 +328,9 @@ def test_the_agent_is_served_as_one_model(agent_runs):
     import httpx
     from openai import OpenAI
     from ray import serve
-    from test_serve import free_port
 
     from distlm.data.tasks import load_tasks
+    from distlm.runtime import free_port
     from distlm.serve.app import build_app
 
     run_dir, _, _ = agent_runs("zero2")

@@ -18,7 +18,7 @@ from typing import List
 import jsonschema
 import pytest
 import torch
-from serve_helpers import free_port, openai_client
+from helpers.serve import free_port, openai_client
 
 from distlm.tools import ToolStream, parse_calls
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import assert_same_cache, code_doc, reference_streams, token_stream
 from transformers import AutoTokenizer
 
 from distlm.config import ConfigError, DataConfig
@@ -42,18 +43,6 @@ from distlm.data.tokens import COMPLETE, training_sample
 CODE_SAMPLE = 'def héllo(name: str) -> str:\n    """Grüß dich 🎉 — 你好"""\n\treturn f"hi {name}!"  # done\r\n'
 
 
-def _code_doc(i: int) -> str:
-    return (
-        f"def function_{i}(x, y={i}):\n"
-        f'    """Return the sum of x and y times {i}."""\n'
-        f"    result = x + y * {i}\n"
-        f"    if result > {i * 7}:\n"
-        f"        return result - {i}\n"
-        f"    return result\n\n"
-        f"class Widget{i}:\n    value = {i!r}\n"
-    )
-
-
 def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
@@ -66,7 +55,7 @@ def _jsonl(path: Path, lines: list[str]) -> Path:
 
 def _text_corpus(root: Path, n: int = 24) -> Path:
     for i in range(n):
-        _write(root / f"doc_{i:03d}.txt", _code_doc(i) * (1 + i % 3))
+        _write(root / f"doc_{i:03d}.txt", code_doc(i) * (1 + i % 3))
     return root
 
 
@@ -191,11 +180,11 @@ def test_missing_path_is_an_error(tmp_path):
 
 
 def test_tokenizer_round_trip_and_plain_autotokenizer(tmp_path):
-    docs = [_code_doc(i) for i in range(50)]
+    docs = [code_doc(i) for i in range(50)]
     tok = train_tokenizer(docs, vocab_size=400)
     assert len(tok) <= 400
     assert tok.eos_token == tok.bos_token == tok.pad_token == tok.unk_token == EOS_TOKEN
-    samples = [CODE_SAMPLE, _code_doc(7), "  leading spaces , and ( odd ) spacing .\n\n", "\x00\x7f ~"]
+    samples = [CODE_SAMPLE, code_doc(7), "  leading spaces , and ( odd ) spacing .\n\n", "\x00\x7f ~"]
     for text in samples:
         assert tok.decode(tok.encode(text)) == text
 
@@ -223,7 +212,7 @@ def test_load_tokenizer_errors(tmp_path):
 def test_documents_are_the_same_however_the_corpus_is_cut(tmp_path):
     """Units cut JSONL by byte ranges, parquet by row groups, arrow by rows: any cut reads
     every document once, in order, with the same identity (source, position)."""
-    lines = [json.dumps({"text": _code_doc(i) if i % 7 else ""}) for i in range(60)]
+    lines = [json.dumps({"text": code_doc(i) if i % 7 else ""}) for i in range(60)]
     _jsonl(tmp_path / "j" / "a.jsonl", lines[:45] + ["", "  "] + lines[45:])
     _jsonl(tmp_path / "j" / "b.jsonl", [json.dumps({"text": "tail"})])
     texts = [f"row {i}" if i % 5 else None for i in range(300)]
@@ -250,7 +239,7 @@ def test_documents_are_the_same_however_the_corpus_is_cut(tmp_path):
 
 
 def test_jsonl_error_line_numbers_from_any_range(tmp_path):
-    lines = [json.dumps({"text": _code_doc(i)}) for i in range(40)]
+    lines = [json.dumps({"text": code_doc(i)}) for i in range(40)]
     lines[33] = '{"text": 5}'
     cfg = _cfg(tmp_path, format="jsonl", paths=[str(_jsonl(tmp_path / "bad.jsonl", lines))])
     for unit in plan_units(cfg, 500):
@@ -273,30 +262,6 @@ def test_split_is_deterministic_by_document_identity():
 
 
 # ---------------------------------------------------------------- prepare_data
-
-
-def _stream(path: str, dtype: str) -> list[int]:
-    """A token stream read straight from its index, independently of TokenBlocks."""
-    base = Path(path).parent
-    out: list[int] = []
-    for file, offset, length in json.loads(Path(path).read_text()):
-        out += np.fromfile(base / file, dtype=dtype)[offset : offset + length].tolist()
-    return out
-
-
-def reference_streams(cfg: DataConfig, tokenizer_dir: str, seed: int) -> dict[bool, list[int]]:
-    """Every document encoded on its own by the saved tokenizer, + EOS, in corpus order, in the
-    split its identity hashes to (as one file of each split would hold them)."""
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    docs = [(is_validation(seed, s, p, cfg.val_fraction), t) for s, p, t in documents(cfg)]
-    if not any(not v for v, _ in docs):
-        docs[0] = (False, docs[0][1])
-    elif cfg.val_fraction > 0 and not any(v for v, _ in docs) and len(docs) >= 2:
-        docs[-1] = (True, docs[-1][1])
-    streams: dict[bool, list[int]] = {False: [], True: []}
-    for is_val, text in docs:
-        streams[is_val] += tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
-    return streams
 
 
 def _entries(cache: Path) -> list[str]:
@@ -329,8 +294,8 @@ def test_prepare_data_matches_direct_encode(tmp_path):
     assert expected[True], "val_fraction=0.2 over 24 documents must give validation documents"
     assert prepared.num_train_tokens == len(expected[False])
     assert prepared.num_val_tokens == len(expected[True])
-    assert _stream(prepared.train_path, prepared.dtype) == expected[False]
-    assert _stream(prepared.val_path, prepared.dtype) == expected[True]
+    assert token_stream(prepared.train_path, prepared.dtype) == expected[False]
+    assert token_stream(prepared.val_path, prepared.dtype) == expected[True]
     # TokenBlocks over the shards: block i is tokens [i*L, (i+1)*L) of the stream, across shard files.
     blocks = TokenBlocks(prepared.train_path, prepared.dtype, seq_len=37)
     assert len(blocks) == len(expected[False]) // 37
@@ -347,8 +312,8 @@ def test_small_corpora_get_both_splits(tmp_path, n_docs, val_fraction):
         cfg = _cfg(tmp_path, format="text", paths=[str(corpus)], vocab_size=300, val_fraction=val_fraction)
         prepared = prepare_data(cfg, seed=seed, progress=False)
         expected = reference_streams(cfg, prepared.tokenizer_dir, seed)
-        assert _stream(prepared.train_path, prepared.dtype) == expected[False] != []
-        assert _stream(prepared.val_path, prepared.dtype) == expected[True]
+        assert token_stream(prepared.train_path, prepared.dtype) == expected[False] != []
+        assert token_stream(prepared.val_path, prepared.dtype) == expected[True]
         assert bool(expected[True]) == (n_docs >= 2)
 
 
@@ -415,8 +380,8 @@ def test_incomplete_cache_dirs_are_not_trusted(tmp_path):
     assert (cache / key[:16] / COMPLETE).is_file()
     assert not list((cache / key[:16]).rglob(".*"))
     assert json.loads((cache / key[:16] / "build.json").read_text())["reused_shards"] == 0
-    assert _stream(prepared.train_path, prepared.dtype) == _stream(clean.train_path, clean.dtype)
-    assert _stream(prepared.val_path, prepared.dtype) == _stream(clean.val_path, clean.dtype)
+    assert token_stream(prepared.train_path, prepared.dtype) == token_stream(clean.train_path, clean.dtype)
+    assert token_stream(prepared.val_path, prepared.dtype) == token_stream(clean.val_path, clean.dtype)
 
 
 def test_crash_during_build_resumes_with_the_finished_shards(tmp_path, monkeypatch):
@@ -453,7 +418,7 @@ def test_crash_during_build_resumes_with_the_finished_shards(tmp_path, monkeypat
 
     uninterrupted = dataclasses.replace(cfg, cache_dir=str(tmp_path / "c2"))
     monkeypatch.undo()
-    _assert_same_cache(
+    assert_same_cache(
         Path(prepare_data(uninterrupted, progress=False).train_path).parent, Path(prepared.train_path).parent
     )
 
@@ -470,14 +435,6 @@ def test_one_plan_per_build_whoever_plans(tmp_path):
     assert tokens_mod._plan(fine, manifest, total, 64, tmp_path / "partial") == first
     (tmp_path / "other").mkdir()
     assert len(tokens_mod._plan(fine, manifest, total, 64, tmp_path / "other")) > len(first) > 1
-
-
-def _assert_same_cache(a: Path, b: Path) -> None:
-    """Every file byte for byte, but build.json (how long it took, on which nodes)."""
-    files = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file() and p.name != "build.json")
-    assert files == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file() and p.name != "build.json")
-    for name in files:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def test_concurrent_prepares_agree(tmp_path):
@@ -499,7 +456,7 @@ def test_concurrent_prepares_agree(tmp_path):
     assert not errors and len(results) == 3
     assert all(r == results[0] for r in results)
     assert _entries(Path(cfg.cache_dir)) == [results[0].key[:16]]
-    assert len(_stream(results[0].train_path, results[0].dtype)) == results[0].num_train_tokens
+    assert len(token_stream(results[0].train_path, results[0].dtype)) == results[0].num_train_tokens
 
 
 def test_losing_the_publish_race_uses_the_winner(tmp_path):
@@ -513,14 +470,14 @@ def test_losing_the_publish_race_uses_the_winner(tmp_path):
 
 
 def test_prepare_with_a_given_tokenizer_and_jsonl(tmp_path):
-    tok = train_tokenizer([_code_doc(i) for i in range(30)], vocab_size=300)
+    tok = train_tokenizer([code_doc(i) for i in range(30)], vocab_size=300)
     tok.save_pretrained(tmp_path / "tok")
-    lines = [json.dumps({"text": _code_doc(i)}) for i in range(10)]
+    lines = [json.dumps({"text": code_doc(i)}) for i in range(10)]
     path = _jsonl(tmp_path / "data.jsonl", lines)
     cfg = _cfg(tmp_path, format="jsonl", paths=[str(path)], tokenizer=str(tmp_path / "tok"), val_fraction=0.1)
     prepared = prepare_data(cfg, progress=False)
     assert prepared.num_val_tokens > 0  # at least one val document is guaranteed
-    expected = sum(len(tok.encode(_code_doc(i))) + 1 for i in range(10))
+    expected = sum(len(tok.encode(code_doc(i))) + 1 for i in range(10))
     assert prepared.num_train_tokens + prepared.num_val_tokens == expected
 
     key = cache_key(cfg)
@@ -555,7 +512,7 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     """A DatasetDict written by `datasets` (save_to_disk, several arrow files) and its parquet export."""
     import datasets
 
-    rows = [_code_doc(i) if i % 9 else "" for i in range(120)]
+    rows = [code_doc(i) if i % 9 else "" for i in range(120)]
     dd = datasets.DatasetDict(
         {
             "train": datasets.Dataset.from_dict({"content": rows, "n": list(range(120))}),
@@ -572,8 +529,8 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     ]
     prepared = prepare_data(cfg, progress=False)
     expected = reference_streams(cfg, prepared.tokenizer_dir, seed=0)
-    assert _stream(prepared.train_path, prepared.dtype) == expected[False]
-    assert _stream(prepared.val_path, prepared.dtype) == expected[True] != []
+    assert token_stream(prepared.train_path, prepared.dtype) == expected[False]
+    assert token_stream(prepared.val_path, prepared.dtype) == expected[True] != []
     assert json.loads((Path(prepared.train_path).parent / "build.json").read_text())["shards"] > 1
 
     assert list(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import REPO, TINY, distlm_cmd
+from helpers import REPO, TINY, distlm_cmd
 
 from distlm.failures import DETERMINISTIC, INFRASTRUCTURE, SpikeGuard, classify
 from distlm.runtime import free_port

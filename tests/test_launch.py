@@ -21,7 +21,7 @@ from typing import Any, Dict, List
 import jsonschema
 import pytest
 import yaml
-from conftest import REPO, TINY, run_cli
+from helpers import REPO, TINY, run_cli
 
 from distlm.config import compose
 from distlm.launch import LaunchOptions, launch

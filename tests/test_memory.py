@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from distlm.config import ConfigError
 from distlm.memory import GB, ModelShape, Setting, check, estimate, model_states

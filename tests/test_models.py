@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CACHE, run_cli
+from helpers import CACHE, run_cli
 
 from distlm.config import ConfigError, ModelConfig, package_file
 from distlm.models import build_config, resolve_pretrained

@@ -15,8 +15,16 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import TINY, compose_cfg, run_cli
-from test_train_e2e import reference_losses
+from helpers import (
+    TINY,
+    assert_same_cache,
+    code_doc,
+    compose_cfg,
+    reference_losses,
+    reference_streams,
+    run_cli,
+    token_stream,
+)
 
 from distlm.tracking import read_metrics
 
@@ -93,13 +101,11 @@ def test_prepare_with_ray_data_on_two_nodes(two_nodes, tmp_path):
     """`distlm prepare` joins the cluster and tokenizes with Ray Data tasks on both nodes; the
     cache is byte for byte the one this process writes alone, and its streams are each
     document encoded on its own, in corpus order and split."""
-    from test_data import _assert_same_cache, _code_doc, _stream, reference_streams
-
     from distlm.data import prepare_data
 
     address, env = two_nodes
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": _code_doc(i) * (1 + i % 3)}) + "\n" for i in range(1500)))
+    corpus.write_text("".join(json.dumps({"text": code_doc(i) * (1 + i % 3)}) + "\n" for i in range(1500)))
     data = ["data=jsonl", f"data.paths=[{corpus}]", "data.vocab_size=300", "data.shard_mb=0.05"]
     result = run_cli(
         "prepare", *data, "data.engine=ray", f"data.cache_dir={tmp_path / 'ray'}", f"cluster.address={address}", env=env
@@ -113,7 +119,7 @@ def test_prepare_with_ray_data_on_two_nodes(two_nodes, tmp_path):
 
     cfg = compose_cfg([*data, "data.engine=local", f"data.cache_dir={tmp_path / 'local'}"], tmp_path / "run")
     local = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=False)
-    _assert_same_cache(Path(local.train_path).parent, ray_cache.parent)
+    assert_same_cache(Path(local.train_path).parent, ray_cache.parent)
     expected = reference_streams(cfg.data, local.tokenizer_dir, cfg.trainer.seed)
-    assert _stream(local.train_path, local.dtype) == expected[False]
-    assert _stream(local.val_path, local.dtype) == expected[True] != []
+    assert token_stream(local.train_path, local.dtype) == expected[False]
+    assert token_stream(local.val_path, local.dtype) == expected[True] != []

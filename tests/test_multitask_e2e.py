@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli, tiny_pretrained
 from safetensors.torch import load_file
-from test_tasks import _tiny_pretrained
 
 from distlm.config import compose
 from distlm.export import export_checkpoint
@@ -33,7 +32,7 @@ SMALL_SUITE = [
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     directory = tmp_path_factory.mktemp("pretrained") / "model"
-    _tiny_pretrained(directory)
+    tiny_pretrained(directory)
     return directory
 
 

@@ -10,14 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, distlm_cmd, run_cli
-from test_data import _assert_same_cache, _code_doc
+from helpers import REPO, assert_same_cache, code_doc, distlm_cmd, run_cli
 
 pytestmark = pytest.mark.slow
 
 
 def _corpus(path: Path, docs: int) -> Path:
-    path.write_text("".join(json.dumps({"text": _code_doc(i) * (1 + i % 4)}) + "\n" for i in range(docs)))
+    path.write_text("".join(json.dumps({"text": code_doc(i) * (1 + i % 4)}) + "\n" for i in range(docs)))
     return path
 
 
@@ -51,7 +50,7 @@ def test_killed_prepare_resumes_to_the_same_cache(tmp_path):
     fresh = run_cli("prepare", *data, f"data.cache_dir={tmp_path / 'fresh'}")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     (uninterrupted,) = (tmp_path / "fresh").glob("*/COMPLETE")
-    _assert_same_cache(uninterrupted.parent, resumed.parent)
+    assert_same_cache(uninterrupted.parent, resumed.parent)
 
     hit = run_cli("prepare", *data, f"data.cache_dir={killed}")
     assert hit.returncode == 0 and hit.stdout.startswith("already prepared: ")

@@ -12,8 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import CACHE
+from helpers import CACHE
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 OPTIONS = sorted(

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_cli
+from helpers import TINY, run_cli
 
 from distlm.config import ConfigError
 from distlm.runtime import free_port, ray_target

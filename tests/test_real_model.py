@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import CACHE, REPO, distlm_cmd, run_cli
+from helpers import CACHE, REPO, distlm_cmd, run_cli
 from safetensors.torch import load_file
 
 from distlm.runtime import free_port

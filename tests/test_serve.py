@@ -29,8 +29,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO, distlm_cmd, run_cli
-from serve_helpers import (
+from helpers import REPO, distlm_cmd, run_cli
+from helpers.serve import (
     API_KEY,
     AUTH,
     PROMPTS,
@@ -117,7 +117,7 @@ def assert_still_serving(server) -> None:
 
 
 def openai_client(server):
-    from serve_helpers import openai_client as client
+    from helpers.serve import openai_client as client
 
     return client(server["url"])
 

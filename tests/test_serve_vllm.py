@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import (
+from helpers.serve import (
     API_KEY,
     AUTH,
     PROMPTS,

@@ -1,6 +1,6 @@
 """`distlm launch slurm` against a real Slurm (munged, slurmctld, slurmd on this machine).
 
-The daemons are set up once per session (tests/slurm_cluster.py: installed from Debian's
+The daemons are set up once per session (tests/helpers/slurm.py: installed from Debian's
 packages when missing) and stopped by process id at the end. A setup failure fails the
 tests with its reason.
 """
@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_cli
-from slurm_cluster import SlurmCluster
+from helpers import TINY, run_cli
+from helpers.slurm import SlurmCluster
 
 from distlm.launch.slurm import Job, follow, job_state
 from distlm.tracking import read_metrics

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import tiny_pretrained
 
 from distlm.config import ConfigError, TaskConfig, TasksConfig, TrainerConfig, compose
 from distlm.data.batches import IGNORE, TaskBatches, collate, encode_example
@@ -117,11 +118,11 @@ def test_jsonl_task_holds_out_examples(tmp_path):
 
 
 def test_cli_reports_malformed_task_file_before_training(tmp_path):
-    from conftest import run_cli
+    from helpers import run_cli
 
     path = _write(tmp_path, "bad.jsonl", [{"prompt": "a", "completion": "b"}] * 10 + [{"prompt": "a"}])
     model_dir = tmp_path / "model"
-    _tiny_pretrained(model_dir)
+    tiny_pretrained(model_dir)
     result = run_cli(
         "train",
         "task=jsonl",
@@ -131,19 +132,6 @@ def test_cli_reports_malformed_task_file_before_training(tmp_path):
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"{path} line 11: field 'completion' is missing" in result.stderr
-
-
-def _tiny_pretrained(directory):
-    from transformers import AutoModelForCausalLM
-
-    from distlm.config import ModelConfig
-    from distlm.models import build_config
-
-    tok = train_tokenizer(["add: 1 + 2 = 3", "reverse: a b = b a"] * 20, vocab_size=300)
-    AutoModelForCausalLM.from_config(build_config(ModelConfig(), len(tok), 64, tok.eos_token_id)).save_pretrained(
-        directory
-    )
-    tok.save_pretrained(directory)
 
 
 def test_prompt_tokens_are_masked_from_the_loss(tokenizer):
@@ -275,7 +263,7 @@ def test_task_and_adapter_config_errors(overrides, key, tmp_path):
 
 def test_multitask_recipe_composes(tmp_path):
     model_dir = tmp_path / "pretrained"
-    _tiny_pretrained(model_dir)
+    tiny_pretrained(model_dir)
     cfg, _ = compose(["experiment=multitask", f"init_from={model_dir}", f"hydra.run.dir={tmp_path / 'run'}"])
     assert cfg.adapter.name == "per_task_lora"
     assert set(cfg.task.tasks) == {"addition", "reversal", "sorting", "kv_lookup"}
@@ -284,10 +272,10 @@ def test_multitask_recipe_composes(tmp_path):
 
 def test_modules_to_save_naming_no_module_fails_before_launch(tmp_path):
     """A module name the pretrained model lacks: exit 2 with the names it has, before Ray starts."""
-    from conftest import run_cli
+    from helpers import run_cli
 
     model_dir = tmp_path / "pretrained"
-    _tiny_pretrained(model_dir)
+    tiny_pretrained(model_dir)
     result = run_cli(
         "train",
         "task=suite",

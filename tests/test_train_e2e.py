@@ -16,31 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, compose_cfg, distlm_cmd, run_cli
-from wandb_records import read_runs
+from helpers import REPO, TINY, compose_cfg, distlm_cmd, reference_losses, run_cli
+from helpers.wandb_records import read_runs
 
 from distlm.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
-
-
-def reference_losses(cfg, steps: int):
-    """The same model, data order, optimizer, schedule and clipping in one process."""
-    from distlm.data import ResumableSampler, TokenBlocks, prepare_data
-    from distlm.reference import PlainLoop
-
-    tr = cfg.trainer
-    data = prepare_data(cfg.data, seed=tr.seed, progress=False)
-    loop = PlainLoop(cfg, data.vocab_size, data.eos_token_id)
-    blocks = TokenBlocks(data.train_path, data.dtype, cfg.data.seq_len)
-    sampler = ResumableSampler(len(blocks), tr.global_batch_size, tr.global_batch_size, 0, 1, tr.seed)
-    losses = []
-    for _ in range(steps):
-        (indices,) = sampler.next_batch()
-        loss = loop.micro_step(torch.stack([blocks[i] for i in indices]))
-        loop.optimizer_step()
-        losses.append(loss.item())
-    return losses
 
 
 def train_in_process(overrides, run_dir):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from conftest import compose_cfg  # noqa: E402
+from helpers import compose_cfg, reference_losses
 
 from distlm.config import ClusterConfig  # noqa: E402
 from distlm.runtime import Runtime, resolve_runtime  # noqa: E402
@@ -63,8 +63,6 @@ def _train(tmp_path, overrides):
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_training_on_gpus_tracks_the_fp32_reference(zero, tmp_path, ray_gpus):
     """bf16 on the GPU against the same steps in fp32 on the CPU (test_train_e2e's reference loop)."""
-    from test_train_e2e import reference_losses
-
     cfg, summary, records = _train(tmp_path, [f"zero={zero}", "trainer.max_steps=8", "trainer.log_every=2"])
     assert [r["step"] for r in records] == [2, 4, 6, 8]  # logged only every log_every steps
     reference = reference_losses(cfg, 8)

@@ -8,9 +8,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import httpx
 import torch
-from conftest import compose_cfg
 
 from distlm.runtime import free_port  # noqa: F401 (the tests import it from here)
+from helpers import compose_cfg
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
