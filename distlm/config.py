@@ -291,6 +291,9 @@ class TaskConfig:
     kind: str = "auto"
     # classification: the labels, in the head's order; empty = the generator's, or those in the file
     labels: List[str] = field(default_factory=list)
+    # chat lines: all (every assistant turn is learned) | last (only the final one); the other turns
+    # (system, user, tool results) never are
+    train_on: str = "all"
 
 
 @dataclass
@@ -769,6 +772,7 @@ def _validate_tasks(tasks: TasksConfig, adapter: AdapterConfig, trainer: Trainer
                 f"{key}: set exactly one of generator (addition|reversal|sorting|kv_lookup) or path (a JSONL file)"
             )
         _choice(f"{key}.on_error", task.on_error, ["raise", "skip"])
+        _choice(f"{key}.train_on", task.train_on, ["all", "last"])
         for path_key, path in (("path", task.path), ("eval_path", task.eval_path)):
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{key}.{path_key}: {path} does not exist: fix the path")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 
 import pytest
@@ -288,3 +289,91 @@ def test_modules_to_save_naming_no_module_fails_before_launch(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "adapter.modules_to_save: 'embed_tokens' matches no module" in result.stderr
     assert "lm_head" in result.stderr  # names the model has
+
+
+# ---------------------------------------------------------------- chat conversations: every assistant turn
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CONVERSATION = {
+    "tools": [WEATHER_TOOL],
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "rain, 4 C"},
+        {"role": "assistant", "content": "Rain and 4 C."},
+        {"role": "user", "content": "And tomorrow?"},
+        {"role": "assistant", "content": "I can only tell today's."},
+    ],
+}
+
+
+def _learned_runs(tokenizer, ids, labels):
+    """The learned tokens, decoded run by run (a run: consecutive positions with a label)."""
+    runs, current = [], []
+    for token, label in zip(ids, labels):
+        if label != IGNORE:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    runs.append(current)
+    return [tokenizer.decode(r) for r in runs if r]
+
+
+@pytest.mark.parametrize("train_on", ["all", "last"])
+def test_every_assistant_turn_is_learned_in_the_servers_rendering(train_on, smollm2_dir, tmp_path):
+    """A tool-use conversation in SmolLM2's own template: the learned tokens are exactly each
+    assistant turn (the call as distlm/tools.py writes it, the answers) with its end-of-turn
+    marker; system, user and tool turns are not. The prompt is the server's rendering of the
+    same messages (ModelText.encode_chat), so training and serving see the same text."""
+    from transformers import AutoTokenizer
+
+    from distlm.serve.engines.base import ModelText
+    from distlm.tools import format_call
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(CONVERSATION) + "\n")
+    (prompt, target), *_ = read_jsonl(str(path), False, tok.apply_chat_template, train_on=train_on)[0]
+    ids, labels = encode_example(tok, prompt, target)
+
+    end = tok.eos_token  # <|im_end|>, SmolLM2's end of turn and EOS
+    call = format_call("get_weather", {"city": "Oslo"})
+    earlier = [call + end, "Rain and 4 C." + end] if train_on == "all" else []
+    assert _learned_runs(tok, ids, labels) == [*earlier, "I can only tell today's." + end]
+    served = ModelText(smollm2_dir).encode_chat(CONVERSATION["messages"][:-1], CONVERSATION["tools"])
+    assert tok(prompt, add_special_tokens=False).input_ids == served
+    assert "get_weather" in prompt and "rain, 4 C" in prompt
+
+
+def test_malformed_tool_conversations_name_the_field(tmp_path):
+    bad_calls = dict(CONVERSATION, messages=[*CONVERSATION["messages"][:2], {"role": "assistant", "tool_calls": []}])
+    bad_args = json.loads(json.dumps(CONVERSATION))
+    bad_args["messages"][2]["tool_calls"][0]["function"]["arguments"] = "{city: Oslo"
+    cases = [
+        (bad_calls, "messages[2].tool_calls must be a non-empty list"),
+        (bad_args, "messages[2].tool_calls[0].function.arguments is not valid JSON"),
+        (dict(CONVERSATION, tools={"get_weather": {}}), "field 'tools' must be a list"),
+    ]
+    for record, message in cases:
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(record) + "\n")
+        with pytest.raises(DataError, match=re.escape(message)):
+            read_jsonl(str(path), False)
+    with pytest.raises(ConfigError, match="train_on"):
+        compose(["task=jsonl", "task.tasks.mine.path=x.jsonl", "task.tasks.mine.train_on=first"])

@@ -53,10 +53,19 @@ class PretrainBatches:
 
 
 def encode_example(tokenizer, prompt: str, target: str) -> Tuple[List[int], List[int]]:
-    """(input ids, labels): the target and a closing EOS are learned, the prompt is not."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    """(input ids, labels): the target and a closing EOS are learned, the prompt is not, except
+    the earlier assistant turns a chat prompt marks (data/tasks.py: Turns, train_on=all): the
+    tokens that lie wholly inside one of them."""
+    spans = getattr(prompt, "spans", ())
+    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=bool(spans))
+    prompt_ids = encoded.input_ids
+    prompt_labels = [IGNORE] * len(prompt_ids)
+    if spans:
+        for i, (start, end) in enumerate(encoded.offset_mapping):
+            if end > start and any(a <= start and end <= b for a, b in spans):
+                prompt_labels[i] = prompt_ids[i]
     target_ids = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    return prompt_ids + target_ids, [IGNORE] * len(prompt_ids) + target_ids
+    return prompt_ids + target_ids, prompt_labels + target_ids
 
 
 def collate_requests(requests: List[List[int]], labels: List[int], pad_id: int) -> Dict[str, torch.Tensor]:

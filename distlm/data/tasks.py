@@ -18,7 +18,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from distlm.config import TaskConfig, TasksConfig
 from distlm.data.corpus import DataError
@@ -183,6 +183,58 @@ def render_chat(messages: List[Dict[str, str]], template: Optional[Callable] = N
     return prompt, " " + messages[-1]["content"]
 
 
+class Turns(str):
+    """A chat prompt whose earlier assistant turns are learned too (task.tasks.<name>.train_on=all):
+    the text is the whole prompt (what the router and evaluation read); `spans` are the character
+    ranges of those assistant turns in it."""
+
+    spans: Tuple[Tuple[int, int], ...] = ()
+
+
+def _render(template: Optional[Callable], messages, tools, generation: bool) -> str:
+    if template is not None:
+        return template(messages, tools=tools, add_generation_prompt=generation, tokenize=False)
+    import jinja2
+
+    return jinja2.Template(DEFAULT_CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=generation)
+
+
+def render_conversation(
+    messages: List[Dict[str, Any]], tools: Optional[List[Dict[str, Any]]], template: Optional[Callable], train_on: str
+) -> Example:
+    """An OpenAI-shaped conversation (assistant `tool_calls`, role `tool`, the `tools` it may call)
+    as the server renders it (distlm/tools.py): prompt = everything before the last assistant
+    turn, target = that turn. With train_on=all the prompt is Turns, its earlier assistant turns
+    (through their end-of-turn marker) marked to be learned as well. Raises ValueError when the
+    template does not render a conversation's beginning as a prefix of the whole."""
+    from distlm.tools import chat_messages, renders_tools
+
+    native = renders_tools(getattr(getattr(template, "__self__", None), "chat_template", None))
+    messages, tools = chat_messages(messages, tools, native)
+    prompt = _render(template, messages[:-1], tools, True)
+    target = messages[-1]["content"] if template is not None else " " + messages[-1]["content"]
+    if train_on == "last":
+        return prompt, target
+    spans = []
+    for k, m in enumerate(messages[:-1]):
+        if m["role"] != "assistant":
+            continue
+        before, through = (
+            _render(template, messages[:k], tools, True),
+            _render(template, messages[: k + 1], tools, False),
+        )
+        through = through.rstrip()
+        if not (through.startswith(before) and prompt.startswith(through)):
+            raise ValueError(
+                "the chat template does not render the conversation's earlier turns as a prefix of the "
+                "whole, so they cannot be learned in place"
+            )
+        spans.append((len(before), len(through)))
+    turns = Turns(prompt)
+    turns.spans = tuple(spans)
+    return turns, target
+
+
 def render_request(messages: List[Dict[str, str]], template: Optional[Callable] = None) -> str:
     """The prompt for the assistant's next turn after these messages (what a served request is)."""
     if template is not None:
@@ -192,12 +244,36 @@ def render_request(messages: List[Dict[str, str]], template: Optional[Callable] 
     return jinja2.Template(DEFAULT_CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=True)
 
 
-def _messages(record: Dict, where: str) -> List[Dict[str, str]]:
+def _messages(record: Dict, where: str) -> List[Dict[str, Any]]:
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise DataError(f"{where}: messages[{i}] needs a string field 'role'")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if m["role"] != "assistant" or not isinstance(calls, list) or not calls:
+                raise DataError(f"{where}: messages[{i}].tool_calls must be a non-empty list on an assistant message")
+            for j, c in enumerate(calls):
+                function = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                    raise DataError(
+                        f"{where}: messages[{i}].tool_calls[{j}] needs "
+                        '{"type": "function", "function": {"name": ..., "arguments": ...}}'
+                    )
+                arguments = function.get("arguments", {})
+                try:
+                    parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{where}: messages[{i}].tool_calls[{j}].function.arguments is not valid JSON ({e.msg})"
+                    ) from e
+                if not isinstance(parsed, dict):
+                    raise DataError(f"{where}: messages[{i}].tool_calls[{j}].function.arguments must be a JSON object")
+            if m.get("content") is not None and not isinstance(m["content"], str):
+                raise DataError(f"{where}: messages[{i}].content must be a string or null")
+        elif not isinstance(m.get("content"), str):
             raise DataError(f"{where}: messages[{i}] needs string fields 'role' and 'content'")
     return messages
 
@@ -216,7 +292,9 @@ def _parse_classification(record: Dict, where: str, chat_template, chat: bool) -
     return (render_request([{"role": "user", "content": text}], chat_template) if chat else text), label
 
 
-def _parse_line(line: str, where: str, chat_template, kind: str = GENERATIVE, chat: bool = False) -> Example:
+def _parse_line(
+    line: str, where: str, chat_template, kind: str = GENERATIVE, chat: bool = False, train_on: str = "all"
+) -> Example:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -229,7 +307,15 @@ def _parse_line(line: str, where: str, chat_template, kind: str = GENERATIVE, ch
         messages = _messages(record, where)
         if messages[-1]["role"] != "assistant":
             raise DataError(f"{where}: the last message must have role 'assistant' (it is the training target)")
-        return render_chat(messages, chat_template)
+        tools = record.get("tools")
+        if tools is not None and not (
+            isinstance(tools, list) and all(isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools)
+        ):
+            raise DataError(f'{where}: field \'tools\' must be a list of {{"type": "function", "function": {{...}}}}')
+        try:
+            return render_conversation(messages, tools, chat_template, train_on)
+        except ValueError as e:
+            raise DataError(f"{where}: {e}: set task.tasks.<name>.train_on=last") from e
     for key in ("prompt", "completion"):
         if key not in record:
             raise DataError(
@@ -256,7 +342,7 @@ def file_kind(path: str) -> str:
 
 
 def read_jsonl(
-    path: str, skip_malformed: bool, chat_template=None, kind: str = GENERATIVE, chat: bool = False
+    path: str, skip_malformed: bool, chat_template=None, kind: str = GENERATIVE, chat: bool = False, train_on="all"
 ) -> Tuple[List[Example], int]:
     """Examples of a JSONL task file and the number of malformed lines skipped."""
     p = Path(path)
@@ -270,7 +356,7 @@ def read_jsonl(
                 line = raw.decode("utf-8")
                 if not line.strip():
                     continue
-                examples.append(_parse_line(line, where, chat_template, kind, chat))
+                examples.append(_parse_line(line, where, chat_template, kind, chat, train_on))
             except UnicodeDecodeError as e:
                 if not skip_malformed:
                     raise DataError(f"{where}: not UTF-8 text: save the file as UTF-8") from e
@@ -346,9 +432,10 @@ def load_task(name: str, cfg: TaskConfig, seed: int, chat_template=None, chat: b
         return TaskData(name, train, held_out)
     if cfg.path is None:
         raise DataError(f"task {name!r} has neither a generator nor a path: set task.tasks.{name}.path=<file.jsonl>")
-    examples, skipped = read_jsonl(cfg.path, cfg.on_error == "skip", chat_template, kind, chat)
+    skip = cfg.on_error == "skip"
+    examples, skipped = read_jsonl(cfg.path, skip, chat_template, kind, chat, cfg.train_on)
     if cfg.eval_path is not None:
-        held_out, skipped_eval = read_jsonl(cfg.eval_path, cfg.on_error == "skip", chat_template, kind, chat)
+        held_out, skipped_eval = read_jsonl(cfg.eval_path, skip, chat_template, kind, chat, cfg.train_on)
         task = TaskData(name, examples, held_out[: cfg.num_eval], skipped + skipped_eval, kind)
     else:
         # Hold out the first examples of a deterministic shuffle.
