@@ -176,6 +176,22 @@ def _partial_prefix(text: str, marker: str) -> int:
     return 0
 
 
+def declared_only(schema: Any) -> Any:
+    """The schema with objects that list `properties` but say nothing of `additionalProperties`
+    closed to those properties. A forced call decodes to a subset of what the schema allows,
+    still valid against it, and ends: with extra keys allowed, an untrained model can keep
+    inventing keys until max_tokens (JSON Schema allows them; OpenAI's models just don't)."""
+    if isinstance(schema, list):
+        return [declared_only(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k in ("const", "enum", "default", "examples") else declared_only(v)) for k, v in schema.items()}
+    if isinstance(schema.get("properties"), dict):
+        out["properties"] = {k: declared_only(v) for k, v in schema["properties"].items()}
+        out.setdefault("additionalProperties", False)
+    return out
+
+
 def call_grammar(tools: Sequence[Dict[str, Any]], name: Optional[str], parallel: bool) -> str:
     """Lark grammar of a forced call: of the tool `name`, or of any tool (one call, or with
     `parallel` one or more), arguments matching the tool's parameters schema."""
@@ -185,7 +201,7 @@ def call_grammar(tools: Sequence[Dict[str, Any]], name: Optional[str], parallel:
     rules = []
     for i, tool in enumerate(chosen):
         fn = tool["function"]
-        parameters = dict(fn.get("parameters") or {"type": "object"})
+        parameters = declared_only(dict(fn.get("parameters") or {"type": "object"}))
         # "#/$defs/..." references resolve from the root: the definitions move up with them.
         definitions = {key: parameters.pop(key) for key in ("$defs", "definitions") if key in parameters}
         schema = {

@@ -271,3 +271,61 @@ def test_tool_call_text_parses_whole_and_streamed_the_same():
         ]
     assert parse_calls("<tool_call>{unfinished", names) == ("<tool_call>{unfinished", [])
     assert parse_calls("no calls at all", names) == ("no calls at all", [])
+
+
+def test_langchain_bind_tools_structured_output_and_an_agent_loop(served):
+    """LangChain's ChatOpenAI against the server: a bound tool is called with valid arguments, the
+    agent loop (call, tool result, final answer) completes, and with_structured_output returns
+    the pydantic model by both of its methods (json_schema, function calling)."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool as lc_tool
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    llm = ChatOpenAI(model=NAME, base_url=served["url"] + "/v1", api_key="test-key", temperature=0, max_tokens=80)
+
+    @lc_tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return f"sunny and 21 C in {city}"
+
+    question = HumanMessage("What is the weather in Paris?")
+    reply = llm.bind_tools([get_weather], tool_choice="get_weather").invoke([question])
+    assert len(reply.tool_calls) == 1, (reply, reply.invalid_tool_calls)
+    (call,) = reply.tool_calls
+    assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str) and call["id"]
+    result = get_weather.invoke(call)  # the tool run, as a ToolMessage with the call's id
+    assert isinstance(result, ToolMessage) and result.tool_call_id == call["id"]
+    final = llm.bind_tools([get_weather], tool_choice="none").invoke([question, reply, result])
+    assert isinstance(final.content, str) and final.content.strip() and not final.tool_calls
+    assert final.response_metadata["finish_reason"] in ("stop", "length")
+
+    class City(BaseModel):
+        name: str = Field(max_length=20)
+        country: str = Field(max_length=20)
+        population: int = Field(ge=0, le=100_000_000)
+
+    for method in ("json_schema", "function_calling"):
+        city = llm.with_structured_output(City, method=method).invoke("Name a large city, its country and population.")
+        assert isinstance(city, City), (method, city)
+
+
+def test_forced_call_schemas_are_closed_to_their_declared_properties():
+    from distlm.tools import declared_only
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "where": {"type": "object", "properties": {"lat": {"type": "number"}}},
+            "tags": {"type": "array", "items": {"type": "object", "properties": {"k": {"type": "string"}}}},
+            "kind": {"enum": [{"properties": {}}]},
+            "extra": {"type": "object", "properties": {}, "additionalProperties": True},
+        },
+    }
+    closed = declared_only(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["where"]["additionalProperties"] is False
+    assert closed["properties"]["tags"]["items"]["additionalProperties"] is False
+    assert closed["properties"]["kind"] == schema["properties"]["kind"]  # values, not schemas
+    assert closed["properties"]["extra"]["additionalProperties"] is True  # what the schema says, kept
+    assert "additionalProperties" not in schema  # the request's own schema is not changed
