@@ -173,16 +173,6 @@ def generate(generator: str, seed: int, num_train: int, num_eval: int) -> Tuple[
     return examples[num_eval:], examples[:num_eval]
 
 
-def render_chat(messages: List[Dict[str, str]], template: Optional[Callable] = None) -> Example:
-    """Prompt = everything before the last assistant message (plus the assistant cue); target = it."""
-    if template is not None:
-        return template(messages[:-1], add_generation_prompt=True, tokenize=False), messages[-1]["content"]
-    import jinja2
-
-    prompt = jinja2.Template(DEFAULT_CHAT_TEMPLATE).render(messages=messages[:-1], add_generation_prompt=True)
-    return prompt, " " + messages[-1]["content"]
-
-
 class Turns(str):
     """A chat prompt whose earlier assistant turns are learned too (task.tasks.<name>.train_on=all):
     the text is the whole prompt (what the router and evaluation read); `spans` are the character
@@ -237,11 +227,7 @@ def render_conversation(
 
 def render_request(messages: List[Dict[str, str]], template: Optional[Callable] = None) -> str:
     """The prompt for the assistant's next turn after these messages (what a served request is)."""
-    if template is not None:
-        return template(messages, add_generation_prompt=True, tokenize=False)
-    import jinja2
-
-    return jinja2.Template(DEFAULT_CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=True)
+    return _render(template, messages, None, True)
 
 
 def _messages(record: Dict, where: str) -> List[Dict[str, Any]]:
@@ -382,7 +368,7 @@ def as_chat(example: Example, template: Optional[Callable]) -> Example:
     """A generated (prompt, target) as a user turn and the assistant's answer."""
     prompt, target = example
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": target.strip()}]
-    return render_chat(messages, template)
+    return render_conversation(messages, None, template, "last")
 
 
 def load_tasks(cfg: TasksConfig, tokenizer, seed: int) -> Dict[str, TaskData]:
