@@ -331,7 +331,10 @@ def eval_table(title: str, metrics, tasks, adapters):
         if kind == "classification":
             layer = f"head ({layer})"
         score = metrics[f"eval/{name}/score"]
-        row = [name, "accuracy" if kind == "classification" else "exact match", layer]
+        metric = "accuracy" if kind == "classification" else "exact match"
+        if f"eval/{name}/call_exact_match" in metrics:  # the mean of the calls' and the answers' exact match
+            metric = "call + answer"
+        row = [name, metric, layer]
         row += [str(examples), f"{metrics[f'eval/{name}/loss']:.3f}", f"{score:.3f}"]
         if agent:
             through = metrics[f"eval/agent/{name}/score"]

@@ -672,6 +672,8 @@ def task_table(metrics_path: str, tasks: List[str], step: Optional[int] = None) 
     table = {}
     for t in [*tasks, *(["router"] if "eval/router/accuracy" in last else [])]:
         metric = "exact match" if f"eval/{t}/exact_match" in last else "accuracy"
+        if f"eval/{t}/call_exact_match" in last:  # the mean of the calls' and the answers' exact match
+            metric = "call + answer"
         table[t] = {
             "metric": metric,
             "before": first[f"eval/{t}/score"],

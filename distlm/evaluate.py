@@ -8,6 +8,7 @@ because a ZeRO-3 forward gathers parameters collectively.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -70,7 +71,10 @@ def evaluate_tasks(
     """Per task: eval/<task>/loss and eval/<task>/score, which is exact_match (greedy generation)
     for a generative task and accuracy for a classification (with macro_f1 and per-class
     precision/recall/f1); their means over the tasks (the router, scored like a classification,
-    is not one of them) and val/loss. `reports` receives each classification's confusion matrix."""
+    is not one of them) and val/loss. A task whose assistant turns call tools also gets
+    call_exact_match and call_valid, and its score is the mean of exact_match (the final answer,
+    after the tool's result) and call_exact_match. `reports` receives each classification's
+    confusion matrix."""
     metrics: Dict[str, float] = {}
     was_training = model.training
     model.eval()
@@ -85,8 +89,10 @@ def evaluate_tasks(
                 reports[name] = report
         else:
             max_new = cfg.tasks[name].max_new_tokens if name in cfg.tasks else 16
-            loss, exact = _generative(model, tokenizer, examples, device, rank, world, batch_size, max_new, synced_gpus)
-            metrics |= {f"eval/{name}/loss": loss, f"eval/{name}/exact_match": exact, f"eval/{name}/score": exact}
+            found = _generative(model, tokenizer, examples, device, rank, world, batch_size, max_new, synced_gpus)
+            scored = [found["exact_match"]] + ([found["call_exact_match"]] if "call_exact_match" in found else [])
+            found["score"] = sum(scored) / len(scored)
+            metrics |= {f"eval/{name}/{key}": value for key, value in found.items()}
     names = [n for n in tasks if n != ROUTER]
     generative = [n for n in names if not tasks[n].is_classification]
     if generative:
@@ -97,8 +103,25 @@ def evaluate_tasks(
     return metrics
 
 
-def _generative(model, tokenizer, examples, device, rank, world, batch_size, max_new, synced_gpus):
-    """(loss per target token, exact match of the greedy answer) over the examples, all ranks together."""
+def _greedy(model, tokenizer, prompts: List[str], device, max_new: int, synced_gpus: bool) -> List[str]:
+    """The greedy continuation of each prompt (one batch)."""
+    pad = pad_id(tokenizer)
+    ids, attention = _left_pad(tokenizer(prompts, add_special_tokens=False).input_ids, pad)
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=attention.to(device),
+        max_new_tokens=max_new,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+        synced_gpus=synced_gpus,
+    )
+    return [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]
+
+
+def _generative(model, tokenizer, examples, device, rank, world, batch_size, max_new, synced_gpus) -> Dict:
+    """loss (per target token) and exact_match (of the greedy answer) over the examples, all ranks
+    together; and where the assistant's turns call tools, call_exact_match and call_valid."""
     pad = pad_id(tokenizer)
     mine = _rank_share(examples, rank, world)
     loss_sum = tokens = correct = counted = 0.0
@@ -116,24 +139,64 @@ def _generative(model, tokenizer, examples, device, rank, world, batch_size, max
             mask = (labels != IGNORE).float() * weights[:, None]
             loss_sum += float((per_token * mask).sum())
             tokens += float(mask.sum())
-
-            prompts = [ids[: labels.count(IGNORE)] for ids, labels in encoded]  # the masked prefix
-            ids, attention = _left_pad(prompts, pad)
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=attention.to(device),
-                max_new_tokens=max_new,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-                synced_gpus=synced_gpus,
-            )
-            for row, ((_, target), w) in enumerate(chunk):
-                text = tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True)
+            texts = _greedy(model, tokenizer, [str(p) for (p, _), _ in chunk], device, max_new, synced_gpus)
+            for text, ((_, target), w) in zip(texts, chunk):
                 correct += w * float(text.strip() == target.strip())
                 counted += w
     loss_sum, tokens, correct, counted = all_reduce_sum([loss_sum, tokens, correct, counted], device)
-    return loss_sum / max(tokens, 1.0), correct / max(counted, 1.0)
+    metrics = {"loss": loss_sum / max(tokens, 1.0), "exact_match": correct / max(counted, 1.0)}
+    turns = call_turns(examples)
+    if turns:  # the same list on every rank, so every rank runs as many generations
+        metrics |= _calls(model, tokenizer, turns, device, rank, world, batch_size, max_new, synced_gpus)
+    return metrics
+
+
+def call_turns(examples) -> List[Tuple[str, List, Tuple]]:
+    """(prompt, expected calls, declared tools) for every assistant turn of the examples that calls
+    tools: the earlier turns a conversation's prompt holds (data/tasks.py: Turns) and the target."""
+    from distlm.tools import parse_calls
+
+    turns = []
+    for prompt, target in examples:
+        tools = tuple(getattr(prompt, "tools", ()))
+        if not tools:
+            continue
+        names = [t["function"]["name"] for t in tools]
+        texts = [(str(prompt[:a]), prompt[a:b]) for a, b in prompt.spans] + [(str(prompt), target)]
+        for before, text in texts:
+            calls = parse_calls(text, names)[1]
+            if calls:
+                turns.append((before, [(c.name, json.loads(c.arguments)) for c in calls], tools))
+    return turns
+
+
+def _calls(model, tokenizer, turns, device, rank, world, batch_size, max_new, synced_gpus) -> Dict[str, float]:
+    """call_exact_match and call_valid (see score_call) of the greedy turns, all ranks together."""
+    exact = valid = counted = 0.0
+    mine = _rank_share(turns, rank, world)
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        texts = _greedy(model, tokenizer, [p for (p, _, _), _ in chunk], device, max_new, synced_gpus)
+        for text, ((_, expected, tools), w) in zip(texts, chunk):
+            right, ok = score_call(text, expected, tools)
+            exact, valid, counted = exact + w * right, valid + w * ok, counted + w
+    exact, valid, counted = all_reduce_sum([exact, valid, counted], device)
+    return {"call_exact_match": exact / max(counted, 1.0), "call_valid": valid / max(counted, 1.0)}
+
+
+def score_call(text: str, expected: List[Tuple[str, Dict]], tools) -> Tuple[bool, bool]:
+    """(exact, valid) for an assistant turn's text: exact when it makes exactly the expected calls
+    (names, and arguments as JSON values, in order); valid when it makes at least one call and each
+    names a declared tool with arguments valid against that tool's parameters schema."""
+    import jsonschema
+
+    from distlm.tools import parse_calls
+
+    schemas = {t["function"]["name"]: t["function"].get("parameters") or {} for t in tools}
+    calls = [(c.name, json.loads(c.arguments)) for c in parse_calls(text, list(schemas))[1]]
+    validator = jsonschema.Draft202012Validator
+    valid = bool(calls) and all(validator(schemas[name]).is_valid(arguments) for name, arguments in calls)
+    return calls == expected, valid
 
 
 def _classification(model, tokenizer, task: TaskData, examples, device, rank, world, batch_size) -> Dict:
@@ -225,16 +288,10 @@ def write_report(run_dir: str, step: int, reports: Dict[str, Dict]) -> None:
 
 def _generate_texts(model, tokenizer, prompts: List[str], max_new: int, batch_size: int = 16) -> List[str]:
     """Greedy answers to the prompts with the model's active adapter."""
-    pad = pad_id(tokenizer)
     texts = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            ids = tokenizer(prompts[start : start + batch_size], add_special_tokens=False).input_ids
-            batch, attention = _left_pad(ids, pad)
-            out = model.generate(
-                input_ids=batch, attention_mask=attention, max_new_tokens=max_new, do_sample=False, pad_token_id=pad
-            )
-            texts += [tokenizer.decode(row[batch.shape[1] :], skip_special_tokens=True) for row in out]
+            texts += _greedy(model, tokenizer, prompts[start : start + batch_size], "cpu", max_new, False)
     return texts
 
 
@@ -270,7 +327,7 @@ def evaluate_agent(model, tokenizer, tasks: Dict[str, TaskData], cfg: TasksConfi
                     activate(layer)
                     context = contextlib.nullcontext()
                 with context:
-                    texts = _generate_texts(lm, tokenizer, [examples[i][0] for i in rows], max_new)
+                    texts = _generate_texts(lm, tokenizer, [str(examples[i][0]) for i in rows], max_new)
             for i, text in zip(rows, texts):
                 answers[i] = text
         correct = sum(a.strip() == target.strip() for a, (_, target) in zip(answers, examples))

@@ -22,9 +22,12 @@ from distlm.data.tokenizer import train_tokenizer
 from distlm.evaluate import classification_metrics
 from distlm.tracking import read_metrics
 
+# The tiny model's 64 positions hold no tool-use conversation (~450 tokens, the tools' schemas in
+# the system turn): the walk of test_presets trains experiment=agent with it on SmolLM2.
 AGENT = [
     "task=agent",
     "adapter=per_task_lora",
+    "~task.tasks.tools",
     *[f"task.tasks.{t}.num_train=200" for t in ("addition", "reversal", "sorting", "kv_lookup", "intent")],
     "task.tasks.intent.num_eval=16",
     "task.eval_examples=8",

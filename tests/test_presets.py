@@ -95,5 +95,11 @@ def test_every_recipe_and_model_preset_trains_five_steps(preset, walk_dir, ray_s
     summary = driver.run(cfg)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in records) == 5
+    if preset == "experiment=agent":  # the tool-use task is scored on its calls and its answers
+        last = next(r for r in reversed(records) if "eval/tools/score" in r)
+        calls, answers = last["eval/tools/call_exact_match"], last["eval/tools/exact_match"]
+        assert (
+            last["eval/tools/score"] == pytest.approx((calls + answers) / 2) and 0 <= last["eval/tools/call_valid"] <= 1
+        )
     assert (Path(summary["export"]) / "config.json").exists() or (Path(summary["export"]) / "adapters").is_dir()
     assert summary["startup_s"]["first_step"] > 0

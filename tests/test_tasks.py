@@ -361,6 +361,104 @@ def test_every_assistant_turn_is_learned_in_the_servers_rendering(train_on, smol
     assert "get_weather" in prompt and "rain, 4 C" in prompt
 
 
+def _tool_use_reference(conversation):
+    """The call and result a tool-use conversation must have, worked out from its request (and,
+    for the extension lookup, from the staff table in its system turn) without the generator."""
+    system, user = conversation["messages"][0]["content"], conversation["messages"][1]["content"]
+    numbers = [int(n) for n in re.findall(r"\d+", user)]
+    ops = {
+        "+": ("plus", "Add", "+", "sum"),
+        "-": ("minus", "Subtract", " - ", "take away"),
+        "*": ("times", "Multiply", "*", "product"),
+    }
+    for op, words in ops.items():
+        if any(w in user for w in words):
+            a, b = numbers[::-1] if user.startswith("Subtract") else numbers
+            return "calculator", {"a": a, "op": op, "b": b}, str(eval(f"{a} {op} {b}"))
+    units = {"kilometers": ("km", "m", 1000), "meters": ("m", "cm", 100), "kilograms": ("kg", "g", 1000)}
+    units |= {"hours": ("hour", "minute", 60), "minutes": ("minute", "second", 60)}
+    for word, (frm, to, factor) in units.items():
+        if numbers and f"{numbers[0]} {word}" in user:
+            return "convert_units", {"value": numbers[0], "from_unit": frm, "to_unit": to}, str(numbers[0] * factor)
+    staff = dict(re.findall(r"(\w+): (\d+)", system.split("Staff directory (name: id):")[1]))
+    (name,) = [n for n in staff if n in user]
+    return "get_extension", {"employee_id": int(staff[name])}, None
+
+
+def test_the_tool_use_task_has_checkable_calls_and_answers():
+    train, held_out = generate("tool_use", 3, 600, 60)
+    assert (train, held_out) == generate("tool_use", 3, 600, 60)
+    requests = lambda cs: {(c["messages"][0]["content"], c["messages"][1]["content"]) for c in cs}  # noqa: E731
+    assert not requests(train) & requests(held_out)
+    kinds = Counter()
+    for c in train + held_out:
+        system, user, call, result, answer = c["messages"]
+        assert [m["role"] for m in c["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
+        assert {t["function"]["name"] for t in c["tools"]} == {"calculator", "convert_units", "get_extension"}
+        (fn,) = [x["function"] for x in call["tool_calls"]]
+        name, arguments, value = _tool_use_reference(c)
+        assert (fn["name"], json.loads(fn["arguments"])) == (name, arguments), user
+        assert value is None or result["content"] == value, user
+        assert result["content"] in answer["content"] and result["tool_call_id"] == call["tool_calls"][0]["id"]
+        kinds[name] += 1
+    assert min(kinds.values()) > 150  # each tool is well represented
+
+
+def test_the_tool_use_task_is_rendered_as_the_server_renders_its_requests(smollm2_dir):
+    """At each assistant turn the prompt is, token for token, what `distlm serve` makes of a request
+    with the messages so far and the tools; the call turn is learned, and the router sees both turns."""
+    from transformers import AutoTokenizer
+
+    from distlm.data.tasks import ROUTER, router_task
+    from distlm.serve.engines.base import ModelText
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    cfg = TaskConfig(generator="tool_use", num_train=20, num_eval=4)
+    task = load_task("tools", cfg, 3, tok.apply_chat_template, True)
+    conversation = generate("tool_use", 3, 20, 4)[1][0]
+    prompt, target = task.eval[0]
+    served = ModelText(smollm2_dir)
+    assert tok(prompt.turn_prompts()[0], add_special_tokens=False).input_ids == served.encode_chat(
+        conversation["messages"][:2], conversation["tools"]
+    )
+    assert tok(prompt, add_special_tokens=False).input_ids == served.encode_chat(
+        conversation["messages"][:4], conversation["tools"]
+    )
+    assert target == conversation["messages"][-1]["content"]
+    ids, labels = encode_example(tok, prompt, target)
+    call = conversation["messages"][2]["tool_calls"][0]["function"]
+    from distlm.tools import format_call
+
+    end = tok.eos_token
+    assert _learned_runs(tok, ids, labels) == [format_call(call["name"], call["arguments"]) + end, target + end]
+    router = router_task({"tools": task})
+    assert len(router.train) == 2 * len(task.train) and {y for _, y in router.train} == {"tools"}
+    assert ROUTER not in router.labels
+
+
+def test_score_call_checks_the_names_the_arguments_and_the_schema():
+    from distlm.data.tool_use import TOOLS
+    from distlm.evaluate import score_call
+
+    def call(name, **arguments):
+        return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+    expected = [("calculator", {"a": 3, "op": "*", "b": 4})]
+    cases = [
+        (call("calculator", a=3, op="*", b=4), (True, True)),
+        (call("calculator", b=4.0, op="*", a=3), (True, True)),  # key order, 4.0 == 4: the same JSON values
+        (call("calculator", a=3, op="*", b=5), (False, True)),  # valid, wrong value
+        (call("calculator", a=3, op="/", b=4), (False, False)),  # not in the enum
+        (call("calculator", a=3, op="*"), (False, False)),  # a required argument missing
+        (call("convert_units", value=3, from_unit="km", to_unit="m"), (False, True)),  # the wrong tool
+        (call("weather", city="Oslo"), (False, False)),  # not a declared tool: text, no call
+        (call("calculator", a=3, op="*", b=4) * 2, (False, True)),  # one call too many
+        ("3 * 4 = 12.", (False, False)),
+    ]
+    for text, want in cases:
+        assert score_call(text, expected, TOOLS) == want, text
+
+
 def test_malformed_tool_conversations_name_the_field(tmp_path):
     bad_calls = dict(CONVERSATION, messages=[*CONVERSATION["messages"][:2], {"role": "assistant", "tool_calls": []}])
     bad_args = json.loads(json.dumps(CONVERSATION))

@@ -54,9 +54,9 @@ class PretrainBatches:
 
 def encode_example(tokenizer, prompt: str, target: str) -> Tuple[List[int], List[int]]:
     """(input ids, labels): the target and a closing EOS are learned, the prompt is not, except
-    the earlier assistant turns a chat prompt marks (data/tasks.py: Turns, train_on=all): the
-    tokens that lie wholly inside one of them."""
-    spans = getattr(prompt, "spans", ())
+    the earlier assistant turns a chat prompt marks to be learned (data/tasks.py: Turns,
+    train_on=all): the tokens that lie wholly inside one of them."""
+    spans = getattr(prompt, "spans", ()) if getattr(prompt, "learned", False) else ()
     encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=bool(spans))
     prompt_ids = encoded.input_ids
     prompt_labels = [IGNORE] * len(prompt_ids)

@@ -6,7 +6,8 @@ accuracy and F1). Built-in tasks are generated deterministically from a seed and
 answers can be checked exactly; the held-out split never shares a prompt with the training
 split. User tasks come from JSONL files: generative lines are {"prompt", "completion"} or chat
 {"messages": [{"role", "content"}, ...]} (the last assistant message is the target);
-classification lines are {"text", "label"} or {"messages": [...], "label"}.
+classification lines are {"text", "label"} or {"messages": [...], "label"}. A generator may make
+whole conversations (CONVERSATIONS: the tool-use task, data/tool_use.py), rendered as those lines are.
 
 The router is one more classification task, made from the others: every task's training
 prompts, labelled with the task's name (no labelling by the user).
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from distlm.config import TaskConfig, TasksConfig
+from distlm.data import tool_use
 from distlm.data.corpus import DataError
 
 Example = Tuple[str, str]  # (prompt, target): the target is the answer text, or the label
@@ -119,13 +121,16 @@ def _intent(rng: random.Random) -> Example:
     return template.format(**slots), label
 
 
-GENERATORS: Dict[str, Callable[[random.Random], Example]] = {
+GENERATORS: Dict[str, Callable[[random.Random], Any]] = {
     "addition": _addition,
     "reversal": _reversal,
     "sorting": _sorting,
     "kv_lookup": _kv_lookup,
     "intent": _intent,
+    "tool_use": tool_use.conversation,
 }
+# Generators of whole conversations ({"tools", "messages"}), rendered as a JSONL chat line is.
+CONVERSATIONS = {"tool_use"}
 # Built-in classification tasks and their labels; every other generator is generative.
 CLASSIFIERS: Dict[str, List[str]] = {"intent": sorted(_INTENTS)}
 
@@ -150,19 +155,28 @@ class TaskData:
         return self.kind == CLASSIFICATION
 
 
-def generate(generator: str, seed: int, num_train: int, num_eval: int) -> Tuple[List[Example], List[Example]]:
-    """Unique examples; held-out prompts never appear in training."""
+def _prompt_key(item) -> str:
+    """What makes two generated items the same prompt: a conversation's turns before the assistant's first."""
+    if isinstance(item, dict):
+        first = next(i for i, m in enumerate(item["messages"]) if m["role"] == "assistant")
+        return json.dumps(item["messages"][:first], sort_keys=True)
+    return item[0]
+
+
+def generate(generator: str, seed: int, num_train: int, num_eval: int) -> Tuple[List[Any], List[Any]]:
+    """Unique examples (or conversations, see CONVERSATIONS); held-out prompts never appear in training."""
     if generator not in GENERATORS:
         raise DataError(f"unknown task generator {generator!r}: use one of {', '.join(GENERATORS)}")
     rng = random.Random(f"{generator}-{seed}")
     make = GENERATORS[generator]
-    seen: Dict[str, str] = {}
-    examples: List[Example] = []
+    seen = set()
+    examples: List[Any] = []
     for _ in range(20 * (num_train + num_eval)):
-        prompt, target = make(rng)
-        if prompt not in seen:
-            seen[prompt] = target
-            examples.append((prompt, target))
+        item = make(rng)
+        key = _prompt_key(item)
+        if key not in seen:
+            seen.add(key)
+            examples.append(item)
             if len(examples) == num_train + num_eval:
                 break
     if len(examples) < num_train + num_eval:
@@ -174,11 +188,18 @@ def generate(generator: str, seed: int, num_train: int, num_eval: int) -> Tuple[
 
 
 class Turns(str):
-    """A chat prompt whose earlier assistant turns are learned too (task.tasks.<name>.train_on=all):
-    the text is the whole prompt (what the router and evaluation read); `spans` are the character
-    ranges of those assistant turns in it."""
+    """A chat prompt that holds earlier assistant turns: the text is the whole prompt (what the
+    router and evaluation read); `spans` are the character ranges of those turns in it (through
+    their end-of-turn marker), `learned` whether training learns them (train_on=all), `tools`
+    the conversation's declared tools (OpenAI-shaped; evaluation checks calls against them)."""
 
     spans: Tuple[Tuple[int, int], ...] = ()
+    learned: bool = False
+    tools: Tuple[Dict[str, Any], ...] = ()
+
+    def turn_prompts(self) -> List[str]:
+        """The prompt at each earlier assistant turn: the text before it (generation prompt included)."""
+        return [str(self[:start]) for start, _ in self.spans]
 
 
 def _render(template: Optional[Callable], messages, tools, generation: bool) -> str:
@@ -194,17 +215,16 @@ def render_conversation(
 ) -> Example:
     """An OpenAI-shaped conversation (assistant `tool_calls`, role `tool`, the `tools` it may call)
     as the server renders it (distlm/tools.py): prompt = everything before the last assistant
-    turn, target = that turn. With train_on=all the prompt is Turns, its earlier assistant turns
-    (through their end-of-turn marker) marked to be learned as well. Raises ValueError when the
-    template does not render a conversation's beginning as a prefix of the whole."""
+    turn, target = that turn. When the conversation has earlier assistant turns or tools the
+    prompt is Turns (train_on=all: its earlier turns are learned as well). Raises ValueError when
+    train_on=all and the template does not render a conversation's beginning as a prefix of the whole."""
     from distlm.tools import chat_messages, renders_tools
 
+    declared = tools
     native = renders_tools(getattr(getattr(template, "__self__", None), "chat_template", None))
     messages, tools = chat_messages(messages, tools, native)
     prompt = _render(template, messages[:-1], tools, True)
     target = messages[-1]["content"] if template is not None else " " + messages[-1]["content"]
-    if train_on == "last":
-        return prompt, target
     spans = []
     for k, m in enumerate(messages[:-1]):
         if m["role"] != "assistant":
@@ -215,13 +235,18 @@ def render_conversation(
         )
         through = through.rstrip()
         if not (through.startswith(before) and prompt.startswith(through)):
+            if train_on == "last":  # nothing to learn in place; evaluation scores the last turn only
+                spans = []
+                break
             raise ValueError(
                 "the chat template does not render the conversation's earlier turns as a prefix of the "
                 "whole, so they cannot be learned in place"
             )
         spans.append((len(before), len(through)))
+    if not spans and not declared:
+        return prompt, target
     turns = Turns(prompt)
-    turns.spans = tuple(spans)
+    turns.spans, turns.learned, turns.tools = tuple(spans), train_on == "all", tuple(declared or ())
     return turns, target
 
 
@@ -383,9 +408,16 @@ def load_tasks(cfg: TasksConfig, tokenizer, seed: int) -> Dict[str, TaskData]:
 
 
 def router_task(tasks: Dict[str, TaskData]) -> TaskData:
-    """Perception as a classification task: each task's prompts, labelled with the task's name."""
-    train = [(prompt, name) for name, task in tasks.items() for prompt, _ in task.train]
-    held_out = [(prompt, name) for name, task in tasks.items() for prompt, _ in task.eval]
+    """Perception as a classification task: each task's prompts, labelled with the task's name; a
+    conversation gives the prompt at each of its assistant turns (before a tool call, after its result)."""
+
+    def prompts(examples):
+        for prompt, _ in examples:
+            yield from getattr(prompt, "turn_prompts", list)()
+            yield str(prompt)
+
+    train = [(prompt, name) for name, task in tasks.items() for prompt in prompts(task.train)]
+    held_out = [(prompt, name) for name, task in tasks.items() for prompt in prompts(task.eval)]
     return TaskData(ROUTER, train, held_out, kind=CLASSIFICATION, labels=list(tasks))
 
 
@@ -408,6 +440,12 @@ def load_task(name: str, cfg: TaskConfig, seed: int, chat_template=None, chat: b
                 f"(a {task_kind(TaskConfig(generator=cfg.generator))} task): leave kind=auto"
             )
         train, held_out = generate(cfg.generator, seed, cfg.num_train, cfg.num_eval)
+        if cfg.generator in CONVERSATIONS:  # always a chat: the template's, or distlm's plain one
+
+            def render(c):
+                return render_conversation(c["messages"], c["tools"], chat_template, cfg.train_on)
+
+            return TaskData(name, [render(c) for c in train], [render(c) for c in held_out])
         if kind == CLASSIFICATION:
             if chat:
                 train = [(render_request([{"role": "user", "content": p}], chat_template), y) for p, y in train]
