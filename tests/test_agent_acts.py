@@ -329,3 +329,80 @@ def test_forced_call_schemas_are_closed_to_their_declared_properties():
     assert closed["properties"]["kind"] == schema["properties"]["kind"]  # values, not schemas
     assert closed["properties"]["extra"]["additionalProperties"] is True  # what the schema says, kept
     assert "additionalProperties" not in schema  # the request's own schema is not changed
+
+
+def test_responses_api_text_tools_structured_output_and_streaming(served):
+    """POST /v1/responses through the openai client's `responses`: the same greedy text as the chat
+    endpoint for the same conversation; a forced function call as a function_call item whose
+    arguments validate; the call's output sent back as a function_call_output item gets a message;
+    a json_schema text format validates; the stream's events rebuild the same output."""
+    client = served["client"]
+    conversation = [{"role": "user", "content": "Name a color."}]
+    chat = client.chat.completions.create(model=NAME, messages=conversation, max_tokens=12, temperature=0)
+    reply = client.responses.create(model=NAME, input="Name a color.", max_output_tokens=12, temperature=0)
+    assert reply.object == "response" and reply.output[0].type == "message"
+    assert reply.output_text == chat.choices[0].message.content
+    assert (
+        reply.usage.input_tokens == chat.usage.prompt_tokens
+        and reply.usage.output_tokens == chat.usage.completion_tokens
+    )
+    assert (reply.status == "incomplete") == (chat.choices[0].finish_reason == "length")
+
+    fn = WEATHER["function"]
+    tools = [{"type": "function", "name": fn["name"], "description": fn["description"], "parameters": fn["parameters"]}]
+    ask = "What is the weather in Oslo?"
+    called = client.responses.create(
+        model=NAME,
+        input=ask,
+        tools=tools,
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=60,
+    )
+    (call,) = [item for item in called.output if item.type == "function_call"]
+    assert call.name == "get_weather" and call.call_id.startswith("call_") and called.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), fn["parameters"])
+    followed = client.responses.create(
+        model=NAME,
+        input=[
+            {"role": "user", "content": ask},
+            {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "rain, 4 C"},
+        ],
+        tools=tools,
+        max_output_tokens=16,
+        temperature=0,
+    )
+    assert followed.output[0].type == "message" and followed.output_text
+
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]}
+    fmt = {"format": {"type": "json_schema", "name": "color", "schema": schema, "strict": True}}
+    structured = client.responses.create(model=NAME, input="Name a color.", text=fmt, max_output_tokens=40)
+    jsonschema.validate(json.loads(structured.output_text), schema)
+
+    events = list(
+        client.responses.create(model=NAME, input="Name a color.", max_output_tokens=12, temperature=0, stream=True)
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == reply.status.join(
+        ["response.", ""]
+    )
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == reply.output_text
+    assert events[-1].response.output_text == reply.output_text
+    streamed_call = list(
+        client.responses.create(
+            model=NAME, input=ask, tools=tools, tool_choice="required", max_output_tokens=60, stream=True
+        )
+    )
+    done = [e for e in streamed_call if e.type == "response.function_call_arguments.done"]
+    assert len(done) >= 1 and all(json.loads(e.arguments) for e in done)
+    assert [i.type for i in streamed_call[-1].response.output if i.type == "function_call"] == ["function_call"] * len(
+        done
+    )
+
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client.responses.create(model=NAME, input="Hi", previous_response_id=reply.id)
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.responses.create(model=NAME, input="Hi", tool_choice="required")

@@ -931,6 +931,9 @@ def test_openapi_document_is_true_under_fuzzing(server):
     assert {"200", "400", "401", "404", "413", "500", "503"} <= set(completions["responses"])
     assert set(completions["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
     assert completions["security"] == [{"bearer": []}]
+    responses = doc["paths"]["/v1/responses"]["post"]
+    assert set(completions["responses"]) == set(responses["responses"]) and responses["security"] == [{"bearer": []}]
+    assert doc["components"]["schemas"]["ResponsesRequest"]["properties"]["model"]["enum"][0] == NAME
     assert doc["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
     schemas = doc["components"]["schemas"]
     assert schemas["CompletionRequest"]["properties"]["model"]["enum"] == [NAME, f"{NAME}:alpha", f"{NAME}:beta"]
@@ -973,4 +976,5 @@ def test_openapi_document_is_true_under_fuzzing(server):
         cwd=REPO / "runs",
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert "Tested: 5" in done.stdout, done.stdout[-3000:]  # /healthz, /v1/models, completions, chat, responses
     assert_still_serving(server)

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from distlm.config import ServeConfig
 from distlm.export import ExportInfo
+from distlm.serve import responses
 from distlm.serve.engines.base import (
     Engine,
     EngineError,
@@ -246,10 +247,17 @@ def _error_doc(description: str) -> Dict[str, Any]:
     return {"model": ErrorResponse, "description": description}
 
 
-def _sse_event_schema(chunk: str, description: str) -> Dict[str, Any]:
-    """One server-sent event (OpenAPI 3.1 describes a stream's events one at a time)."""
+def _sse_event_schema(chunk: str, description: str, done: bool = True) -> Dict[str, Any]:
+    """One server-sent event (OpenAPI 3.1 describes a stream's events one at a time). `done`: the
+    stream ends with `data: [DONE]` (completions); else each event is named (`event:`, responses)."""
     payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk}"}, {"$ref": "#/components/schemas/ErrorResponse"}]}
     json_data = {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}
+    if not done:
+        event = {"type": "string", "description": "the event's type, as in its data"}
+        data = {"description": "the event", "type": "string", "contentMediaType": "application/json"}
+        data["contentSchema"] = {"$ref": f"#/components/schemas/{chunk}"}
+        properties = {"event": event, "data": data}
+        return {"type": "object", "description": description, "required": ["event", "data"], "properties": properties}
     data = {
         "description": "a JSON chunk, or an error body if the request fails; the last event is [DONE]",
         "anyOf": [{"const": "[DONE]"}, json_data],
@@ -257,12 +265,14 @@ def _sse_event_schema(chunk: str, description: str) -> Dict[str, Any]:
     return {"type": "object", "description": description, "required": ["data"], "properties": {"data": data}}
 
 
-def _post_responses(auth: bool, ok_model, chunk_model, chunk_doc: str) -> Dict[Union[int, str], Dict[str, Any]]:
+def _post_responses(
+    auth: bool, ok_model, chunk_model, chunk_doc: str, done: bool = True
+) -> Dict[Union[int, str], Dict[str, Any]]:
     responses: Dict[Union[int, str], Dict[str, Any]] = {
         200: {
             "model": ok_model,
             "description": "the completion; with stream=true a text/event-stream instead",
-            "content": {"text/event-stream": {"schema": _sse_event_schema(chunk_model.__name__, chunk_doc)}},
+            "content": {"text/event-stream": {"schema": _sse_event_schema(chunk_model.__name__, chunk_doc, done)}},
         },
         400: _error_doc(
             "invalid request: the error names the parameter (bad JSON or UTF-8, a wrong type, a value "
@@ -293,19 +303,20 @@ def _patch_openapi(app: FastAPI, model_ids: List[str], auth: bool, cfg: ServeCon
         doc = build()
         schemas = doc.setdefault("components", {}).setdefault("schemas", {})
         # Stream chunks are named by the routes' event-stream schemas only: add them.
-        for model in (Completion, ChatCompletionChunk):
+        for model in (Completion, ChatCompletionChunk, responses.ResponseEvent):
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             for name, sub in schema.pop("$defs", {}).items():
                 schemas.setdefault(name, sub)
             schemas.setdefault(model.__name__, schema)
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
-        for name in ("CompletionRequest", "ChatCompletionRequest"):
+        for name in ("CompletionRequest", "ChatCompletionRequest", "ResponsesRequest"):
             fields = schemas.get(name, {}).get("properties", {})
             if fields:
                 fields["model"]["enum"] = list(model_ids)
-                fields["n"]["maximum"] = min(fields["n"].get("maximum", cfg.max_choices), cfg.max_choices)
-                for key in ("max_tokens", "max_completion_tokens"):
+                if "n" in fields:
+                    fields["n"]["maximum"] = min(fields["n"].get("maximum", cfg.max_choices), cfg.max_choices)
+                for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
                     for option in fields.get(key, {}).get("anyOf", []):
                         if option.get("type") == "integer":
                             option["maximum"] = cfg.max_tokens_limit
@@ -600,10 +611,11 @@ async def _completions(body: CompletionRequest, engine: Engine, checks: _Checks)
     return reply.body("text_completion", out, reply.usage(count), agent=_first_trace(events))
 
 
-async def _chat_completions(body: ChatCompletionRequest, engine: Engine, checks: _Checks):
+async def _chat_completions(body: ChatCompletionRequest, engine: Engine, checks: _Checks, chunked: bool = False):
     """POST /v1/chat/completions: the chat template's prompt (with the tools), n choices; streamed,
     or whole with usage. With tools (and tool_choice other than none) the model's call blocks
-    become `tool_calls` (distlm/tools.py) and the choice finishes with "tool_calls"."""
+    become `tool_calls` (distlm/tools.py) and the choice finishes with "tool_calls". `chunked`: a
+    stream's chunks as an iterator, not yet server-sent events (for /v1/responses)."""
     text = engine.text
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     try:
@@ -653,7 +665,7 @@ async def _chat_completions(body: ChatCompletionRequest, engine: Engine, checks:
             if body.stream_options is not None and body.stream_options.include_usage:
                 yield reply.body("chat.completion.chunk", [], reply.usage(count))
 
-        return _sse(chunks())
+        return chunks() if chunked else _sse(chunks())
 
     events: Dict[int, List[TokenEvent]] = {c.index: [] for c in choices}
     try:
@@ -688,7 +700,8 @@ async def _chat_completions(body: ChatCompletionRequest, engine: Engine, checks:
 def build_api(engine: Engine, export: ExportInfo, cfg: ServeConfig, api_key: Optional[str], replica: str) -> FastAPI:
     app = FastAPI(
         title="distlm",
-        description="OpenAI-style completions and chat completions for a distlm run's export and its task adapters.",
+        description="OpenAI-style completions, chat completions and responses for a distlm run's export and its task "
+        "adapters.",
         version="1",
     )
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
@@ -738,6 +751,26 @@ def build_api(engine: Engine, export: ExportInfo, cfg: ServeConfig, api_key: Opt
     )
     async def chat_completions(body: ChatCompletionRequest):
         return await _chat_completions(body, engine, checks)
+
+    @app.post(
+        "/v1/responses",
+        response_model=None,
+        tags=["openai"],
+        responses=_post_responses(
+            bool(api_key),
+            responses.ResponseObject,
+            responses.ResponseEvent,
+            "`event: <type>` and `data: <ResponseEvent>` per event, from response.created to response.completed "
+            "(or response.incomplete); an `error` event if it fails",
+            done=False,
+        ),
+    )
+    async def create_response(body: responses.ResponsesRequest):
+        """OpenAI's Responses API: text, function tools and structured output, as a chat completion."""
+        chat = responses.to_chat(body)
+        if body.stream:
+            return responses.sse(responses.events(body, await _chat_completions(chat, engine, checks, chunked=True)))
+        return responses.from_chat(body, await _chat_completions(chat, engine, checks))
 
     return app
 
