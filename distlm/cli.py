@@ -229,8 +229,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_build_ops(args: argparse.Namespace) -> int:
     """Compile DeepSpeed's C++ ops now (make install does), not on the first run."""
-    from distlm.engine import build_ops
+    from distlm.engine import build_ops, clear_stale_build_locks
 
+    for line in clear_stale_build_locks():
+        print(f"distlm: {line}")
     for line in build_ops():
         print(f"deepspeed op {line}")
     return 0

@@ -158,6 +158,8 @@ class Engine:
         self.world_size = world_size
         # DeepSpeed's communication layer adopts the process group Ray Train set up; zero.Init
         # needs it before the model exists (deepspeed.initialize would do it only later).
+        for line in clear_stale_build_locks():  # else the op build below waits for ever
+            print(f"distlm: {line}", flush=True)
         deepspeed.init_distributed(dist_backend=runtime.backend)
         self._hf_ds_config = None
         if zero.stage == 3:
@@ -321,6 +323,31 @@ def _share_master_weights(optimizer: Any) -> None:
             and low.data_ptr() != high.data_ptr()
         ):
             high.data = low.data
+
+
+# A build of DeepSpeed's ops takes 1-3 minutes here; a lock older than this was left by a killed one.
+STALE_BUILD_LOCK_S = 900
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> List[str]:
+    """torch's extension builder waits, silently and for ever, on the lock file of a build that was
+    killed (its FileBaton has no staleness check), and every later run with it. Remove such locks,
+    older than any build takes, and say which."""
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())  # as torch resolves it
+    said = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > max_age_s:
+                lock.unlink()
+                said.append(f"removed {lock}, left {age / 60:.0f} min ago by a build that did not finish")
+        except FileNotFoundError:  # another process took it first
+            continue
+    return said
 
 
 def build_ops() -> List[str]:

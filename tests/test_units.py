@@ -315,3 +315,24 @@ def test_zero0_clips_once_a_step_as_the_plain_loop_does(tmp_path):
         assert logged == pytest.approx(torch_norm, rel=1e-6)
     # Adam is nearly blind to a gradient's scale: a clip twice too loose moves these weights ~2e-6.
     assert max(result["gaps"]) < 1e-9, result["gaps"]
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
+    """torch waits for ever on the lock of a killed extension build; distlm removes locks older than
+    any build takes (build-ops and each worker, before DeepSpeed loads its ops) and says so."""
+    import os
+    import time
+
+    from distlm.engine import STALE_BUILD_LOCK_S, clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, live = tmp_path / "py311_cpu" / "cpu_adam" / "lock", tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    then = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(stale, (then, then))
+    said = clear_stale_build_locks()
+    assert not stale.exists() and live.exists()
+    assert len(said) == 1 and str(stale) in said[0] and "did not finish" in said[0]
+    assert clear_stale_build_locks() == []
