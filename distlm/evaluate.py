@@ -162,7 +162,8 @@ def call_turns(examples) -> List[Tuple[str, List, Tuple]]:
         if not tools:
             continue
         names = [t["function"]["name"] for t in tools]
-        texts = [(str(prompt[:a]), prompt[a:b]) for a, b in prompt.spans] + [(str(prompt), target)]
+        earlier = zip(prompt.turn_prompts(), (prompt[a:b] for a, b in prompt.spans))
+        texts = [*earlier, (str(prompt), target)]
         for before, text in texts:
             calls = parse_calls(text, names)[1]
             if calls:

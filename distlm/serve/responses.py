@@ -26,8 +26,12 @@ from distlm.serve.protocol import (
     AgentTrace,
     ApiError,
     ChatCompletionRequest,
-    Name,
+    FunctionDef,
+    JsonSchemaFormat,
+    NamedFunction,
     NonEmpty,
+    ResponseFormatJsonObject,
+    ResponseFormatText,
     _Request,
     describe_validation_error,
     error_body,
@@ -70,40 +74,24 @@ class FunctionCallOutputItem(_Request):
 InputItem = Union[InputMessage, FunctionCallItem, FunctionCallOutputItem]
 
 
-class FunctionTool(_Request):
+# The flat shapes of the Responses API: the chat's function, name and schema with a `type` beside them.
+class FunctionTool(FunctionDef):
     type: Literal["function"]
-    name: Name
-    description: Optional[str] = None
-    parameters: Optional[Dict[str, Any]] = Field(None, description="a JSON Schema of the arguments object")
-    strict: Optional[bool] = None
 
 
-class NamedFunctionChoice(_Request):
+class NamedFunctionChoice(NamedFunction):
     type: Literal["function"]
-    name: Name
 
 
-class TextFormatText(_Request):
-    type: Literal["text"]
-
-
-class TextFormatJsonObject(_Request):
-    type: Literal["json_object"]
-
-
-class TextFormatJsonSchema(_Request):
-    model_config = ConfigDict(populate_by_name=True)
-
+class TextFormatJsonSchema(JsonSchemaFormat):
     type: Literal["json_schema"]
-    name: Name
-    description: Optional[str] = None
-    schema_: Dict[str, Any] = Field(default_factory=dict, alias="schema", description="a JSON Schema")
-    strict: Optional[bool] = None
 
 
 class TextConfig(_Request):
     format: Optional[
-        Annotated[Union[TextFormatText, TextFormatJsonObject, TextFormatJsonSchema], Field(discriminator="type")]
+        Annotated[
+            Union[ResponseFormatText, ResponseFormatJsonObject, TextFormatJsonSchema], Field(discriminator="type")
+        ]
     ] = None
 
 
@@ -306,17 +294,18 @@ class _Response:
 
 def _message(text: str) -> Dict[str, Any]:
     content = [{"type": "output_text", "text": text, "annotations": []}]
-    return {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": "completed", "role": "assistant"} | {
-        "content": content
+    return {
+        "type": "message",
+        "id": f"msg_{uuid.uuid4().hex}",
+        "status": "completed",
+        "role": "assistant",
+        "content": content,
     }
 
 
 def _function_call(call: Dict[str, Any]) -> Dict[str, Any]:
-    fn = call["function"]
-    return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"], "name": fn["name"]} | {
-        "arguments": fn["arguments"],
-        "status": "completed",
-    }
+    fn, item = call["function"], {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"]}
+    return item | {"name": fn["name"], "arguments": fn["arguments"], "status": "completed"}
 
 
 def from_chat(body: ResponsesRequest, completion: Dict[str, Any]) -> Dict[str, Any]:
