@@ -13,9 +13,9 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import ray.train
 import torch
@@ -51,145 +51,178 @@ from distlm.tracking import (
 )
 
 
+@dataclass
+class WorkerArgs:
+    """What the driver hands every worker (Ray Train's train_loop_config, a dict at the boundary)."""
+
+    cfg: Config
+    data: Any = None  # pretraining: the prepared token files (distlm.data.tokens.PreparedData)
+    tokenizer_dir: Optional[str] = None  # fine-tuning: the tokenizer the tasks are encoded with
+    sink: Any = None  # the driver's MetricsSink actor (None in a bare Ray Train run)
+    resume_from: Optional[str] = None  # the newest intact checkpoint, when Ray's newest was damaged
+    log_dir: Optional[str] = None  # workers' output to <log_dir>/rank<r>.log
+
+
 def train_worker(config: Dict[str, Any]) -> None:
     """Ray Train's entry point on every worker: the loop, and what a failure in it means (see
     distlm.failures: a deterministic one ends the run everywhere, an infrastructure one restarts)."""
     entered = time.time()  # the start-up report's clock (wall time: the driver's is another process)
+    args = WorkerArgs(**config)
     where = Where()
     rank = ray.train.get_context().get_world_rank()
-    if config.get("log_dir"):
-        _output_to_file(Path(config["log_dir"]) / f"rank{rank}.log", rank)
-    heartbeat = Heartbeat(config.get("sink"), rank, where)
+    if args.log_dir:
+        _output_to_file(Path(args.log_dir) / f"rank{rank}.log", rank)
+    heartbeat = Heartbeat(args.sink, rank, where)
     try:
-        _train(config, where, entered)
+        trainer = Trainer(args, where, entered)
+        trainer.restore()
+        trainer.train()
     except Exception as e:  # noqa: BLE001 - classified, reported, and re-raised if worth a restart
         where.flush()
-        handle_worker_error(e, config.get("sink"), rank, where)
+        handle_worker_error(e, args.sink, rank, where)
     finally:
         heartbeat.stop()
 
 
-def _train(config: Dict[str, Any], where: Where, entered: float) -> None:
-    cfg: Config = config["cfg"]
-    tr, seq_len = cfg.trainer, cfg.data.seq_len
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    sink = config.get("sink")
-    report_placement(sink, rank)
-    if sink is not None and rank == 0:
-        sink.count_start.remote()  # the driver counts the worker group's (re)starts
-    rss_at_start = process_rss()  # the libraries, before any model: the baseline of memory.json
-    keep_heap_small()
-    _quiet_libraries()
-    torch.set_num_threads(tr.threads or cfg.cluster.cpus_per_worker)
-    runtime = resolve_runtime(cfg.cluster)
-    apply_collective_timeout(cfg.cluster.collective_timeout_s)  # before DeepSpeed makes its groups
+class Trainer:
+    """One worker's run: built (data, model, engine), restored, then trained step by step; on the
+    steps that log, the window's metrics, the loss-spike guard, evaluation, checkpoints, preemption."""
 
-    # The batch source: task examples (fine-tuning) or token blocks (pretraining).
-    tasks, tokenizer = {}, None
-    if cfg.task.tasks:
-        from transformers import AutoTokenizer
+    def __init__(self, args: WorkerArgs, where: Where, entered: float) -> None:
+        cfg = self.cfg = args.cfg
+        self.args, self.where, self.entered = args, where, entered
+        self.tr, seq_len = cfg.trainer, cfg.data.seq_len
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.sink = args.sink
+        report_placement(self.sink, self.rank)
+        if self.sink is not None and self.rank == 0:
+            self.sink.count_start.remote()  # the driver counts the worker group's (re)starts
+        self.rss_at_start = process_rss()  # the libraries, before any model: the baseline of memory.json
+        keep_heap_small()
+        _quiet_libraries()
+        torch.set_num_threads(self.tr.threads or cfg.cluster.cpus_per_worker)
+        self.runtime = resolve_runtime(cfg.cluster)
+        apply_collective_timeout(cfg.cluster.collective_timeout_s)  # before DeepSpeed makes its groups
 
-        tokenizer = AutoTokenizer.from_pretrained(config["tokenizer_dir"])
-        tasks = load_tasks(cfg.task, tokenizer, tr.seed)
-        batches = TaskBatches(tasks, tokenizer, cfg.task, tr, seq_len, rank, world)
-        vocab_size, eos_id = len(tokenizer), tokenizer.eos_token_id
-    else:
-        data = config["data"]
-        batches = PretrainBatches(data, seq_len, tr, rank, world)
-        vocab_size, eos_id = data.vocab_size, data.eos_token_id
+        # The batch source: task examples (fine-tuning) or token blocks (pretraining).
+        self.tasks, self.tokenizer = {}, None
+        if cfg.task.tasks:
+            from transformers import AutoTokenizer
 
-    # The engine comes first: under ZeRO-3 the model is built (or loaded) straight into partitions.
-    engine = Engine(cfg.zero, tr, runtime, world)
-    model = build_model(cfg.model, vocab_size, seq_len, eos_id, tr.seed, cfg.init_from, engine.gather)
-    release_free_memory()  # what building took beyond the model
-    model_flops_per_token = flops_per_token(model, seq_len)
-    torch.manual_seed(tr.seed)  # adapters' and heads' initialisation: the same in every run and on every rank
-    model = lm = adapters.apply_adapters(model, cfg.adapter, list(tasks))
-    heads = {name: task.labels for name, task in tasks.items() if task.is_classification}
-    if heads:  # classification tasks and the router: linear heads over the model's hidden states
-        layers = {ROUTER: router_layers(lm, cfg.task.router_depth)} if ROUTER in heads else {}
-        model = TaskModel(lm, heads, layers)
-    engine.prepare(model, adapters.param_groups(model, cfg.adapter, list(tasks), tr.weight_decay))
-    release_free_memory()
-    built = time.time()
+            self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_dir)
+            self.tasks = load_tasks(cfg.task, self.tokenizer, self.tr.seed)
+            self.batches = TaskBatches(self.tasks, self.tokenizer, cfg.task, self.tr, seq_len, self.rank, self.world)
+            vocab_size, eos_id = len(self.tokenizer), self.tokenizer.eos_token_id
+        else:
+            self.batches = PretrainBatches(args.data, seq_len, self.tr, self.rank, self.world)
+            vocab_size, eos_id = args.data.vocab_size, args.data.eos_token_id
 
-    def activate(task: Optional[str]) -> None:
+        # The engine comes first: under ZeRO-3 the model is built (or loaded) straight into partitions.
+        engine = self.engine = Engine(cfg.zero, self.tr, self.runtime, self.world)
+        model = build_model(cfg.model, vocab_size, seq_len, eos_id, self.tr.seed, cfg.init_from, engine.gather)
+        release_free_memory()  # what building took beyond the model
+        self.model_flops_per_token = flops_per_token(model, seq_len)
+        torch.manual_seed(self.tr.seed)  # adapters' and heads' initialisation: the same in every run and on every rank
+        model = self.lm = adapters.apply_adapters(model, cfg.adapter, list(self.tasks))
+        heads = {name: task.labels for name, task in self.tasks.items() if task.is_classification}
+        if heads:  # classification tasks and the router: linear heads over the model's hidden states
+            layers = {ROUTER: router_layers(self.lm, cfg.task.router_depth)} if ROUTER in heads else {}
+            model = TaskModel(self.lm, heads, layers)
+        engine.prepare(model, adapters.param_groups(model, cfg.adapter, list(self.tasks), self.tr.weight_decay))
+        release_free_memory()
+        self.built = time.time()
+        self.temperatures: Dict[str, float] = {}  # each head's calibration at the newest evaluation
+        self.state = TrainState()
+        self.saved_step: Optional[int] = None  # the newest checkpoint (for rollback)
+
+    def restore(self) -> None:
+        """Ray Train hands back the newest complete checkpoint after a worker restart or a resumed
+        run; everything needed to continue exactly is in it. Then the tracker (the same run)."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and self.args.resume_from:
+            checkpoint = ray.train.Checkpoint(self.args.resume_from)
+        if checkpoint is not None:
+            self.where.at("loading the checkpoint")
+            with checkpoint.as_directory() as directory:
+                # Written by another number of workers: its universal form, which the driver made.
+                resharded = read_manifest(directory)["world_size"] != self.world and self.engine.zero_stage > 0
+                self.engine.load(directory, universal=resharded)
+                self.state = read_train_state(directory, self.rank)
+            self.batches.load_state_dict(self.state.sampler)
+            self.saved_step = self.state.step
+        cfg, state = self.cfg, self.state
+        self.tracker = make_tracker(
+            cfg.tracking, self.rank, cfg.run_dir, state.tracker_run_id, _flat_config(cfg), self.sink
+        )
+        state.tracker_run_id = self.tracker.run_id
+        self.where.flush = self.tracker.flush
+        self.peak_flops = measure_matmul_peak(self.engine.device, self.runtime.dtype)
+        self.stop = StopSignal(self.sink, self.rank)
+        self.bad_steps, self.spikes = BadSteps(self.tr.max_bad_steps), SpikeGuard(self.tr.loss_spike)
+        self.faults = Faults(self.rank, cfg.run_dir)  # test-only fault injection; nothing unless its variable is set
+
+    def train(self) -> None:
+        tr, early, state = self.tr, self.tr.early_stopping, self.state
+        if state.step == 0:  # the starting point of the curves (and the "before" of fine-tuning)
+            self.where.at("evaluation", 0)
+            self.tracker.log(self.evaluate(), 0)
+        self.engine.train()
+        if self.sink is not None and self.rank == 0:  # where the start-up went (the driver reports it once)
+            self.sink.put_startup.remote({"worker": self.entered, "built": self.built, "first_step": time.time()})
+        self.window, memory_reported = _Window(self.engine.device), False
+        while state.step < tr.max_steps:
+            task = self.train_step()
+            last = state.step == tr.max_steps
+            evaluating = state.step % tr.eval_every == 0 or last
+            # With early stopping every evaluated step is a candidate for the export: it gets a checkpoint.
+            saving = state.step % tr.checkpoint_every == 0 or last or (evaluating and early.metric is not None)
+            if not (state.step % tr.log_every == 0 or evaluating or saving):
+                continue  # no collective and no host synchronisation on steps that do not log
+            metrics, stop_votes = self.window_metrics(task)
+            self.guard_loss_spike(metrics, task)
+            if self.sink is not None and not memory_reported:
+                # Model states as held between steps (after the optimizer's first step made its moments).
+                memory_reported = True
+                states = memory_now(self.engine.device)["tensors"]
+                self.sink.put_memory.remote(self.rank, {"start_rss": self.rss_at_start, "states": states})
+            stopping_early = False
+            if evaluating:
+                self.where.at("evaluation")
+                metrics |= self.evaluate()
+                if early.metric is not None:
+                    stopping_early = track_best(state, early, metrics)
+                    metrics |= {"early_stopping/best_step": state.best_step, "early_stopping/best": state.best_value}
+            self.tracker.log(metrics, state.step)
+            if saving:
+                probe = last or early.metric is not None
+                self.save_checkpoint(metrics | checkpoint_score(early, metrics, evaluating), probe)
+            if stopping_early:
+                break
+            # Preemption (SIGTERM to the driver): every rank saves this step, unless just saved, and stops.
+            if not last and stop_votes > 0:
+                if not saving:
+                    self.save_checkpoint(metrics)
+                break
+            self.window = _Window(self.engine.device)
+        if self.sink is not None:
+            peak = memory_now(self.engine.device)["peak"]
+            self.sink.put_memory.remote(self.rank, {"start_rss": self.rss_at_start, "peak": peak})
+        self.tracker.finish()
+
+    def activate(self, task: Optional[str]) -> None:
         """Route the step through `task`'s layers; the optimizer leaves other tasks' layers alone."""
-        adapters.activate(lm, cfg.adapter, task)
-        engine.set_step_task(task)
+        adapters.activate(self.lm, self.cfg.adapter, task)
+        self.engine.set_step_task(task)
 
-    temperatures: Dict[str, float] = {}  # each head's calibration at the newest evaluation
-
-    def evaluate() -> Dict[str, float]:
-        try:
-            return _evaluate()
-        finally:
-            release_free_memory()
-
-    def _evaluate() -> Dict[str, float]:
-        if tasks:
-            reports: Dict[str, Dict] = {}
-            metrics = evaluate_tasks(
-                engine.module,
-                tokenizer,
-                tasks,
-                cfg.task,
-                engine.device,
-                rank,
-                world,
-                engine.zero_stage == 3,
-                activate,
-                reports=reports,
-            )
-            if rank == 0 and reports:  # confusion matrices of the classifications (and the router)
-                write_report(cfg.run_dir, state.step, reports)
-            temperatures.update({name: report["temperature"] for name, report in reports.items()})
-            return metrics
-        engine.eval()
-        loss = validation_loss(engine, batches.val, tr.micro_batch_size, tr.eval_batches, rank, world, engine.device)
-        engine.train()
-        return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
-
-    # Ray Train hands back the newest complete checkpoint after a worker restart or a
-    # resumed run; everything needed to continue exactly is in it.
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("resume_from"):  # the newest intact one, when Ray's newest was damaged
-        checkpoint = ray.train.Checkpoint(config["resume_from"])
-    if checkpoint is not None:
-        where.at("loading the checkpoint")
-        with checkpoint.as_directory() as directory:
-            # Written by another number of workers: its universal form, which the driver made.
-            resharded = read_manifest(directory)["world_size"] != world and engine.zero_stage > 0
-            engine.load(directory, universal=resharded)
-            state = read_train_state(directory, rank)
-        batches.load_state_dict(state.sampler)
-
-    tracker = make_tracker(cfg.tracking, rank, cfg.run_dir, state.tracker_run_id, _flat_config(cfg), sink)
-    state.tracker_run_id = tracker.run_id
-    where.flush = tracker.flush
-    peak_flops = measure_matmul_peak(engine.device, runtime.dtype)
-    stop = StopSignal(sink, rank)
-
-    if state.step == 0:  # the starting point of the curves (and the "before" of fine-tuning)
-        where.at("evaluation", 0)
-        tracker.log(evaluate(), 0)
-    engine.train()
-    early = tr.early_stopping
-    window = _Window(engine.device)  # what happened since the last logged step
-    bad_steps, spikes = BadSteps(tr.max_bad_steps), SpikeGuard(tr.loss_spike)
-    faults = Faults(rank, cfg.run_dir)  # test-only fault injection; nothing unless its variable is set
-    saved_step = state.step if checkpoint is not None else None  # the newest checkpoint (for rollback)
-    memory_reported = False
-    if sink is not None and rank == 0:  # where the start-up went (the driver reports it once)
-        sink.put_startup.remote({"worker": entered, "built": built, "first_step": time.time()})
-    while state.step < tr.max_steps:
-        where.at("training", state.step + 1)
+    def train_step(self) -> Optional[str]:
+        """One optimizer step over its micro batches (of one task, when fine-tuning); its task."""
+        state, engine, faults = self.state, self.engine, self.faults
+        self.where.at("training", state.step + 1)
         faults.before_step(state.step + 1)
         lr = engine.lr()
-        step = batches.next(state.step)
-        activate(step.task)
+        step = self.batches.next(state.step)
+        self.activate(step.task)
         head = {"head": step.head} if step.head else {}  # a classification step: which head reads the model
         skipped_before = engine.skipped_steps
         step_loss, step_tokens = torch.zeros((), device=engine.device), 0
@@ -205,131 +238,130 @@ def _train(config: Dict[str, Any], where: Where, entered: float) -> None:
         # DeepSpeed skipped the update (non-finite gradients, found by its all-reduced check): the
         # step's loss stays out of the logged mean; too many in a row stop the run.
         skipped = engine.skipped_steps > skipped_before
-        if bad_steps.update(state.step, skipped):
-            raise bad_steps.error(state.step, float(step_loss) / len(step.micro_batches), lr, runtime.precision)
+        if self.bad_steps.update(state.step, skipped):
+            mean_loss = float(step_loss) / len(step.micro_batches)
+            raise self.bad_steps.error(state.step, mean_loss, lr, self.runtime.precision)
         if not skipped:
-            window.add(step_loss, step_tokens)
-            window.steps += 1
-        window.tasks.add(step.task)
-        last = state.step == tr.max_steps
-        evaluating = state.step % tr.eval_every == 0 or last
-        # With early stopping every evaluated step is a candidate for the export: it gets a checkpoint.
-        saving = state.step % tr.checkpoint_every == 0 or last or (evaluating and early.metric is not None)
-        if not (state.step % tr.log_every == 0 or evaluating or saving):
-            continue  # no collective and no host synchronisation on steps that do not log
-        # One collective and one host sync: the window's loss and tokens, and the stop vote.
+            self.window.add(step_loss, step_tokens)
+            self.window.steps += 1
+        self.window.tasks.add(step.task)
+        self.lr = lr
+        return step.task
+
+    def window_metrics(self, task: Optional[str]):
+        """(the train/ metrics of the steps since the last logged one, the ranks' stop votes): one
+        collective and one host sync, for the window's loss and tokens and the stop vote."""
+        engine, window, state = self.engine, self.window, self.state
         loss_sum, window_tokens, stop_votes = all_reduce_sum(
-            [window.loss_sum / engine.accum_steps, window.tokens, stop.poll()], engine.device
+            [window.loss_sum / engine.accum_steps, window.tokens, self.stop.poll()], engine.device
         )
-        train_loss = loss_sum / world / window.steps if window.steps else float("nan")
+        train_loss = loss_sum / self.world / window.steps if window.steps else float("nan")
         state.tokens_seen += int(window_tokens)
         elapsed = time.perf_counter() - window.start
         metrics = {
             "train/loss": train_loss,
-            "train/lr": lr,
+            "train/lr": self.lr,
             "train/grad_norm": engine.grad_norm(),
             "train/tokens_per_s": window_tokens / elapsed,
-            "train/mfu": window_tokens / world * model_flops_per_token / elapsed / peak_flops,
+            "train/mfu": window_tokens / self.world * self.model_flops_per_token / elapsed / self.peak_flops,
             "train/tokens_seen": state.tokens_seen,
             "train/step_time_s": elapsed / max(1, window.steps),
             "train/skipped_steps": engine.skipped_steps,
         }
-        # The loss-spike guard (the loss is all-reduced: every rank decides alike).
-        spike = spikes.check(state.step, train_loss, step.task if window.tasks == {step.task} else None)
-        if spike is not None:
-            metrics["train/loss_spike"] = train_loss
-            if spikes.diverged():
-                raise spikes.error(state.step, spike, lr)
-            if tr.loss_spike.action == "rollback":
-                if saved_step is None:
-                    spike += "; no checkpoint yet to roll back to"
-                else:
-                    where.at("rolling back")
-                    _rollback(engine, cfg, saved_step, state.step)
-                    spike += (
-                        f"; rolled back to the step-{saved_step} checkpoint's weights and optimizer, "
-                        f"the batches of steps {saved_step + 1}-{state.step} dropped"
-                    )
-            if sink is not None and rank == 0:
-                sink.put_warning.remote(spike)  # the driver shows it
-        if step.task is not None:
-            if window.tasks == {step.task}:
-                metrics[f"train/{step.task}/loss"] = train_loss
-            metrics |= {f"mix/{name}": share for name, share in batches.shares().items()}
-        if sink is not None and not memory_reported:
-            # Model states as held between steps (after the optimizer's first step made its moments).
-            memory_reported = True
-            sink.put_memory.remote(rank, {"start_rss": rss_at_start, "states": memory_now(engine.device)["tensors"]})
-        stopping_early = False
-        if evaluating:
-            where.at("evaluation")
-            metrics |= evaluate()
-            if early.metric is not None:
-                stopping_early = track_best(state, early, metrics)
-                metrics |= {"early_stopping/best_step": state.best_step, "early_stopping/best": state.best_value}
-        tracker.log(metrics, state.step)
-        if saving:
-            where.at("saving a checkpoint")
-            saved_step = state.step
-            probe = _probe(engine, batches, tasks, tokenizer, cfg) if last or early.metric is not None else None
-            state.sampler = batches.state_dict()
-            reported = metrics | checkpoint_score(early, metrics, evaluating)
-            save_checkpoint(
-                engine, state, rank, world, reported, cfg, list(tasks), probe, temperatures, tracker.take_unsaved()
-            )
-        if stopping_early:
-            break
-        # Preemption (SIGTERM to the driver): every rank saves this step, unless just saved, and stops.
-        if not last and stop_votes > 0:
-            if not saving:
-                state.sampler = batches.state_dict()
-                save_checkpoint(
-                    engine, state, rank, world, metrics, cfg, list(tasks), None, temperatures, tracker.take_unsaved()
+        if task is not None:
+            if window.tasks == {task}:
+                metrics[f"train/{task}/loss"] = train_loss
+            metrics |= {f"mix/{name}": share for name, share in self.batches.shares().items()}
+        return metrics, stop_votes
+
+    def guard_loss_spike(self, metrics: Dict[str, float], task: Optional[str]) -> None:
+        """The loss-spike guard (the loss is all-reduced: every rank decides alike): warn, roll back
+        to the newest checkpoint, or stop the run once the loss has diverged."""
+        train_loss, step = metrics["train/loss"], self.state.step
+        spike = self.spikes.check(step, train_loss, task if self.window.tasks == {task} else None)
+        if spike is None:
+            return
+        metrics["train/loss_spike"] = train_loss
+        if self.spikes.diverged():
+            raise self.spikes.error(step, spike, self.lr)
+        if self.tr.loss_spike.action == "rollback":
+            if self.saved_step is None:
+                spike += "; no checkpoint yet to roll back to"
+            else:
+                self.where.at("rolling back")
+                _rollback(self.engine, self.cfg, self.saved_step, step)
+                spike += (
+                    f"; rolled back to the step-{self.saved_step} checkpoint's weights and optimizer, "
+                    f"the batches of steps {self.saved_step + 1}-{step} dropped"
                 )
-            break
-        window = _Window(engine.device)
-    if sink is not None:
-        sink.put_memory.remote(rank, {"start_rss": rss_at_start, "peak": memory_now(engine.device)["peak"]})
-    tracker.finish()
+        if self.sink is not None and self.rank == 0:
+            self.sink.put_warning.remote(spike)  # the driver shows it
 
+    def evaluate(self) -> Dict[str, float]:
+        """Each task's metrics (fine-tuning), or the validation loss (pretraining); all ranks together."""
+        try:
+            if not self.tasks:
+                engine, tr = self.engine, self.tr
+                engine.eval()
+                loss = validation_loss(
+                    engine, self.batches.val, tr.micro_batch_size, tr.eval_batches, self.rank, self.world, engine.device
+                )
+                engine.train()
+                return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
+            reports: Dict[str, Dict] = {}
+            metrics = evaluate_tasks(
+                self.engine.module,
+                self.tokenizer,
+                self.tasks,
+                self.cfg.task,
+                self.engine.device,
+                self.rank,
+                self.world,
+                self.engine.zero_stage == 3,
+                self.activate,
+                reports=reports,
+            )
+            if self.rank == 0 and reports:  # confusion matrices of the classifications (and the router)
+                write_report(self.cfg.run_dir, self.state.step, reports)
+            self.temperatures.update({name: report["temperature"] for name, report in reports.items()})
+            return metrics
+        finally:
+            release_free_memory()
 
-def save_checkpoint(
-    engine: Engine,
-    state: TrainState,
-    rank: int,
-    world: int,
-    metrics: Dict[str, float],
-    cfg: Config,
-    task_names: List[str],
-    probe=None,
-    temperatures: Optional[Dict[str, float]] = None,
-    records: Optional[List[Dict[str, Any]]] = None,
-) -> None:
-    """Each rank writes its shards to a local temp dir; Ray Train merges them into the run's
-    storage and registers the checkpoint only once every rank has reported."""
-    directory = tempfile.mkdtemp(prefix=f"distlm-step{state.step}-rank{rank}-")
-    try:
-        engine.save(directory)
-        write_train_state(directory, state, rank, world, engine.zero_stage, cfg.trainer.global_batch_size)
-        if rank == 0:
-            # What `distlm export` needs to rebuild the model (and its adapters and heads) offline.
-            lm = language_model(engine.module)
-            _base_model(lm).config.save_pretrained(directory)
-            if adapters.adapter_names(cfg.adapter, task_names):
-                adapters.save_adapter_configs(lm, directory)
-            if hasattr(engine.module, "heads"):
-                write_heads_config(directory, engine.module, cfg.adapter, task_names, temperatures or {})
-            if probe is not None:
-                torch.save(probe, Path(directory) / "probe.pt")
-            write_records(directory, records or [])
-        write_checksums(directory, rank)  # last: what this rank wrote, as it wrote it
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(directory),
-            checkpoint_dir_name=f"step_{state.step:08d}",
-        )
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    def save_checkpoint(self, metrics: Dict[str, float], probe: bool = False) -> None:
+        """Each rank writes its shards to a local temp dir; Ray Train merges them into the run's
+        storage and registers the checkpoint only once every rank has reported. `probe`: with the
+        trained model's logits on a fixed input, which the export is checked against."""
+        self.where.at("saving a checkpoint")
+        engine, state, rank, cfg = self.engine, self.state, self.rank, self.cfg
+        self.saved_step = state.step
+        state.sampler = self.batches.state_dict()
+        task_names = list(self.tasks)
+        logits = _probe(engine, self.batches, self.tasks, self.tokenizer, cfg) if probe else None
+        records = self.tracker.take_unsaved()
+        directory = tempfile.mkdtemp(prefix=f"distlm-step{state.step}-rank{rank}-")
+        try:
+            engine.save(directory)
+            write_train_state(directory, state, rank, self.world, engine.zero_stage, cfg.trainer.global_batch_size)
+            if rank == 0:
+                # What `distlm export` needs to rebuild the model (and its adapters and heads) offline.
+                lm = language_model(engine.module)
+                _base_model(lm).config.save_pretrained(directory)
+                if adapters.adapter_names(cfg.adapter, task_names):
+                    adapters.save_adapter_configs(lm, directory)
+                if hasattr(engine.module, "heads"):
+                    write_heads_config(directory, engine.module, cfg.adapter, task_names, self.temperatures)
+                if logits is not None:
+                    torch.save(logits, Path(directory) / "probe.pt")
+                write_records(directory, records)
+            write_checksums(directory, rank)  # last: what this rank wrote, as it wrote it
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(directory),
+                checkpoint_dir_name=f"step_{state.step:08d}",
+            )
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _rollback(engine: Engine, cfg: Config, saved_step: int, step: int) -> None:
