@@ -308,7 +308,8 @@ class TasksConfig:
     mixture: str = "proportional"
     temperature: float = 2.0
     weights: Dict[str, float] = field(default_factory=dict)
-    # Held-out examples per task scored by greedy generation at each evaluation.
+    # Held-out examples per task scored at each evaluation (greedy generation or the head), and
+    # the router's held-out prompts per task it routes to.
     eval_examples: int = 64
     # How generated tasks are shown to the model: auto (as a chat turn with the tokenizer's chat
     # template when it has one, else plain text) | chat (always a chat turn) | plain (never).

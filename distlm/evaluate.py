@@ -81,7 +81,7 @@ def evaluate_tasks(
     for name, task in tasks.items():
         if activate is not None:
             activate(name)
-        examples = task.eval[: len(task.eval) if name == ROUTER else cfg.eval_examples]
+        examples = _per_label(task.eval, cfg.eval_examples) if name == ROUTER else task.eval[: cfg.eval_examples]
         if task.is_classification:
             report = _classification(model, tokenizer, task, examples, device, rank, world, batch_size)
             metrics |= {f"eval/{name}/{key}": value for key, value in report.pop("metrics").items()}
@@ -101,6 +101,17 @@ def evaluate_tasks(
     metrics["val/loss"] = sum(metrics[f"eval/{n}/loss"] for n in names) / len(names)
     model.train(was_training)
     return metrics
+
+
+def _per_label(examples: List, n: int) -> List:
+    """The first n examples of each label, in their order (the router's prompts of each task)."""
+    seen: Dict[str, int] = {}
+    kept = []
+    for example in examples:
+        seen[example[1]] = seen.get(example[1], 0) + 1
+        if seen[example[1]] <= n:
+            kept.append(example)
+    return kept
 
 
 def _greedy(model, tokenizer, prompts: List[str], device, max_new: int, synced_gpus: bool) -> List[str]:

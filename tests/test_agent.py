@@ -269,6 +269,7 @@ def test_heads_and_router_train_export_and_load_without_distlm(zero, agent_runs,
     report = json.loads((run_dir / "eval_report.json").read_text())
     assert sorted(report["tasks"]) == ["intent", ROUTER]
     assert sum(map(sum, report["tasks"]["intent"]["confusion"])) == 8  # task.eval_examples of them
+    assert sum(map(sum, report["tasks"][ROUTER]["confusion"])) == 8 * 5  # as many of each task it routes to
     # The export: heads in their own layout, checked against the trained model's logits.
     export = Path(summary["export"])
     info = json.loads((export / "distlm_export.json").read_text())
