@@ -176,7 +176,7 @@ def worker_c(cfg) -> list[float]:
     import ray
 
     from distlm.driver import run
-    from distlm.tracking import read_metrics
+    from distlm.report import read_metrics
 
     started = psutil.Process().create_time()  # as `distlm train` counts: from the process's start
     summary = run(cfg, started=started)

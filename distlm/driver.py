@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from distlm import report
 from distlm.config import Config, ConfigError
 from distlm.failures import FAILURE_LOG
 
@@ -156,7 +157,8 @@ def run(
     if checkpoint is None:
         raise RuntimeError(f"the run ended without a checkpoint: see {run_dir / 'logs'}")
     step = checkpoint_step(checkpoint)
-    best = _best_step(metrics_path, cfg)
+    records = report.read_metrics(str(metrics_path))  # the end-of-run report reads it once
+    best = report.best_step(records) if cfg.trainer.early_stopping.metric is not None else None
     if best is not None and best != step and not stop.requested:
         stopped = "stopped early" if step < cfg.trainer.max_steps else "finished"
         checkpoint = str(Path(checkpoint).parent / f"step_{best:08d}")
@@ -167,18 +169,18 @@ def run(
             f"run the same command (same hydra.run.dir={run_dir}) to continue"
         )
     console.log(f"final checkpoint: {checkpoint}")
-    plot_losses(str(metrics_path), str(run_dir / "loss.png"))
+    report.plot_losses(records, run_dir.name, str(run_dir / "loss.png"))
     summary = {
         "run_dir": str(run_dir),
         "checkpoint": checkpoint,
         "export": None,
         "restarts": restarts,
         "startup_s": startup,
-        **_last_losses(metrics_path),
+        **report.losses(records),
     }
     if cfg.task.tasks:
-        summary["tasks"] = task_table(str(metrics_path), list(cfg.task.tasks), checkpoint_step(checkpoint))
-        (run_dir / "best.json").write_text(json.dumps(best_steps(str(metrics_path), list(cfg.task.tasks)), indent=2))
+        summary["tasks"] = report.task_table(records, list(cfg.task.tasks), checkpoint_step(checkpoint))
+        (run_dir / "best.json").write_text(json.dumps(report.best_steps(records, list(cfg.task.tasks)), indent=2))
     if not cfg.trainer.export:
         console.log(f"trainer.export=false: `distlm export {run_dir}` writes the export from that checkpoint")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -476,7 +478,7 @@ def _raise_on_failure(sink, run_dir: Path, error, placement: List[Dict[str, Any]
         if dead:
             rank, e = min(dead.items())
             node = next((p for p in placement if p["rank"] == rank), {})
-            steps = [r["step"] for r in records] or [_last_step(metrics_path)]
+            steps = [r["step"] for r in records] or [report.last_step(metrics_path)]
             record = {
                 "kind": INFRASTRUCTURE,
                 "rank": rank,
@@ -493,7 +495,7 @@ def _raise_on_failure(sink, run_dir: Path, error, placement: List[Dict[str, Any]
                 "kind": INFRASTRUCTURE,
                 "rank": "?",
                 "node": "?",
-                "step": _last_step(metrics_path),
+                "step": report.last_step(metrics_path),
                 "phase": "?",
                 "cause": one_line(error),
                 "time": time.time(),
@@ -510,12 +512,6 @@ def _raise_on_failure(sink, run_dir: Path, error, placement: List[Dict[str, Any]
     summary = {k: v for k, v in record.items() if k != "traceback"} | {"restarts": restarts}
     (run_dir / "logs" / "failure.json").write_text(json.dumps(summary, indent=2))
     raise RunFailed(failure_message(record, run_dir, restarts)) from error
-
-
-def _last_step(metrics_path: Path) -> int:
-    from distlm.tracking import read_metrics
-
-    return max((r["step"] for r in read_metrics(str(metrics_path))), default=0) if metrics_path.exists() else 0
 
 
 class ExportFailed(Exception):
@@ -555,16 +551,6 @@ class _StopOnSigterm:
 
         self.console.log("SIGTERM: the workers save a checkpoint and stop")
         ray.get(self.sink.request_stop.remote(), timeout=60)
-
-
-def _best_step(metrics_path: Path, cfg: Config) -> Optional[int]:
-    """Under early stopping, the step whose evaluation was best (the workers' own record of it)."""
-    if cfg.trainer.early_stopping.metric is None:
-        return None
-    from distlm.tracking import read_metrics
-
-    steps = [r["early_stopping/best_step"] for r in read_metrics(str(metrics_path)) if "early_stopping/best_step" in r]
-    return int(steps[-1]) if steps else None
 
 
 def init_ray(cfg: Config, verbose: bool = False) -> None:
@@ -657,87 +643,3 @@ class _Progress:
                 train = f"train loss {r['train/loss']:.3f}, " if "train/loss" in r else ""
                 self.console.log(f"step {r['step']}: {train}val loss {r['val/loss']:.3f}")
         self.bar.update(self.task, completed=records[-1]["step"], **fields)
-
-
-def task_table(metrics_path: str, tasks: List[str], step: Optional[int] = None) -> Dict[str, Dict[str, Any]]:
-    """Per task: its score (exact match, or accuracy for a classification) and loss before fine-tuning
-    (step 0) and after (the exported step's evaluation, else the last); the router's accuracy; the
-    mean over the tasks."""
-    from distlm.tracking import read_metrics
-
-    evals = [r for r in read_metrics(metrics_path) if "eval/mean_score" in r]
-    if not evals:
-        return {}
-    first, last = evals[0], next((r for r in evals if r["step"] == step), evals[-1])
-    table = {}
-    for t in [*tasks, *(["router"] if "eval/router/accuracy" in last else [])]:
-        metric = "exact match" if f"eval/{t}/exact_match" in last else "accuracy"
-        if f"eval/{t}/call_exact_match" in last:  # the mean of the calls' and the answers' exact match
-            metric = "call + answer"
-        table[t] = {
-            "metric": metric,
-            "before": first[f"eval/{t}/score"],
-            "after": last[f"eval/{t}/score"],
-            "loss_before": first[f"eval/{t}/loss"],
-            "loss_after": last[f"eval/{t}/loss"],
-        }
-    table["mean"] = {
-        "metric": "score",
-        "before": first["eval/mean_score"],
-        "after": last["eval/mean_score"],
-        "loss_before": sum(table[t]["loss_before"] for t in tasks) / len(tasks),
-        "loss_after": sum(table[t]["loss_after"] for t in tasks) / len(tasks),
-    }
-    return table
-
-
-def best_steps(metrics_path: str, tasks: List[str]) -> Dict[str, Dict[str, float]]:
-    """The step with the best score per task and overall (ties: the earliest)."""
-    from distlm.tracking import read_metrics
-
-    evals = [r for r in read_metrics(metrics_path) if "eval/mean_score" in r]
-    best = {}
-    if not evals:
-        return best
-    for key, name in [(f"eval/{t}/score", t) for t in tasks] + [("eval/mean_score", "overall")]:
-        top = max(evals, key=lambda r: (r[key], -r["step"]))
-        best[name] = {"step": top["step"], "score": top[key]}
-    return best
-
-
-def _last_losses(metrics_path: Path) -> Dict[str, Optional[float]]:
-    from distlm.tracking import read_metrics
-
-    records = read_metrics(str(metrics_path))
-    vals = [r["val/loss"] for r in records if "val/loss" in r]
-    trains = [r["train/loss"] for r in records if "train/loss" in r]
-    return {
-        "first_train_loss": trains[0] if trains else None,
-        "final_train_loss": trains[-1] if trains else None,
-        "first_val_loss": vals[0] if vals else None,
-        "final_val_loss": vals[-1] if vals else None,
-    }
-
-
-def plot_losses(metrics_path: str, out_png: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from distlm.tracking import read_metrics
-
-    records = read_metrics(metrics_path)
-    train = [r for r in records if "train/loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train")
-    val = [r for r in records if "val/loss" in r]
-    ax.plot([r["step"] for r in val], [r["val/loss"] for r in val], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(Path(metrics_path).parent.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)

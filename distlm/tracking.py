@@ -7,7 +7,6 @@ the loop never branches on rank to log (nanochat's DummyWandb habit).
 from __future__ import annotations
 
 import functools
-import json
 import time
 import uuid
 from pathlib import Path
@@ -301,19 +300,6 @@ class StopSignal:
             self.asked_at = time.monotonic()
             self.pending = self.sink.stop_requested.remote()
         return 0.0
-
-
-def read_metrics(path: str) -> List[Dict[str, Any]]:
-    """metrics.jsonl as a list, one record per step: steps re-run after a restart from a
-    checkpoint replace the ones logged before the failure."""
-    latest: Dict[int, Dict[str, Any]] = {}
-    p = Path(path)
-    if p.exists():
-        for line in p.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                latest[record["step"]] = record
-    return [latest[k] for k in sorted(latest)]
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024, trials: int = 5) -> float:

@@ -20,7 +20,7 @@ from distlm.data.mixture import TaskMixture
 from distlm.data.tasks import CLASSIFIERS, ROUTER, generate, load_task, router_task
 from distlm.data.tokenizer import train_tokenizer
 from distlm.evaluate import classification_metrics
-from distlm.tracking import read_metrics
+from distlm.report import read_metrics
 
 # The tiny model's 64 positions hold no tool-use conversation (~450 tokens, the tools' schemas in
 # the system turn): the walk of test_presets trains experiment=agent with it on SmolLM2.

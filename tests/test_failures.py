@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 from helpers import REPO, TINY, distlm_cmd
 
 from distlm.failures import DETERMINISTIC, INFRASTRUCTURE, SpikeGuard, classify
+from distlm.report import read_metrics
 from distlm.runtime import free_port
-from distlm.tracking import read_metrics
 
 # ---------------------------------------------------------------- units
 

@@ -26,7 +26,7 @@ from helpers import (
     token_stream,
 )
 
-from distlm.tracking import read_metrics
+from distlm.report import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from distlm.config import compose
 from distlm.export import export_checkpoint
-from distlm.tracking import read_metrics
+from distlm.report import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from helpers import TINY, run_cli
 from helpers.slurm import SlurmCluster
 
 from distlm.launch.slurm import Job, follow, job_state
-from distlm.tracking import read_metrics
+from distlm.report import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ import torch
 from helpers import REPO, TINY, compose_cfg, distlm_cmd, reference_losses, run_cli
 from helpers.wandb_records import read_runs
 
-from distlm.tracking import read_metrics
+from distlm.report import read_metrics
 
 pytestmark = pytest.mark.slow
 

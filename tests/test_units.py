@@ -179,7 +179,7 @@ def test_records_lost_by_a_killed_driver_come_back_from_the_checkpoints(tmp_path
     import json
 
     from distlm.checkpoint import recover_records, write_records
-    from distlm.tracking import read_metrics
+    from distlm.report import read_metrics
 
     checkpoints, metrics = tmp_path / "checkpoints", tmp_path / "metrics.jsonl"
     for step in (10, 20):

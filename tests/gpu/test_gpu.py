@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from helpers import compose_cfg, reference_losses
 
 from distlm.config import ClusterConfig  # noqa: E402
+from distlm.report import read_metrics  # noqa: E402
 from distlm.runtime import Runtime, resolve_runtime  # noqa: E402
-from distlm.tracking import read_metrics  # noqa: E402
 
 if not torch.cuda.is_available():
     pytest.exit("tests/gpu needs a CUDA GPU (torch.cuda.is_available() is False here)", returncode=1)
