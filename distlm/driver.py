@@ -206,9 +206,11 @@ def run(
         from distlm.evaluate import evaluate_export
 
         console.log("evaluating the agent (router -> task layer) on the export")
-        agent = cfg.serve.agent
+        agent, step = cfg.serve.agent, checkpoint_step(checkpoint)
+        # Each task through its own layer was scored at this step by the training: taken from there.
+        evaluated = next((r for r in reversed(records) if r["step"] == step and "eval/mean_score" in r), None)
         metrics, _, tasks, adapters = evaluate_export(
-            summary["export"], cfg.task, cfg.trainer.seed, agent.min_confidence, agent.fallback
+            summary["export"], cfg.task, cfg.trainer.seed, agent.min_confidence, agent.fallback, evaluated
         )
         (run_dir / "agent_eval.json").write_text(json.dumps(metrics, indent=2))
         examples = {n: (t.kind, min(len(t.eval), cfg.task.eval_examples)) for n, t in tasks.items()}

@@ -351,10 +351,18 @@ def evaluate_agent(model, tokenizer, tasks: Dict[str, TaskData], cfg: TasksConfi
     return metrics
 
 
-def evaluate_export(export_dir: str, cfg: TasksConfig, seed: int, min_confidence: float = 0.5, fallback=None):
+def evaluate_export(
+    export_dir: str,
+    cfg: TasksConfig,
+    seed: int,
+    min_confidence: float = 0.5,
+    fallback=None,
+    evaluated: Optional[Dict[str, float]] = None,
+):
     """(metrics, reports) of an export on its tasks, in this process: the same per-task evaluation as
     training (each example through its own task's layer), and, when the export has a router, the
-    agent end to end."""
+    agent end to end. `evaluated`: training's own evaluation of the exported step (a metrics.jsonl
+    record), whose per-task numbers are taken rather than computed a second time."""
     from transformers import AutoTokenizer
 
     from distlm.agent import Agent, Heads
@@ -382,7 +390,10 @@ def evaluate_export(export_dir: str, cfg: TasksConfig, seed: int, min_confidence
             lm.set_adapter("shared")
 
     reports: Dict[str, Dict] = {}
-    metrics = evaluate_tasks(model, tokenizer, tasks, cfg, "cpu", activate=activate, reports=reports)
+    if evaluated is None:
+        metrics = evaluate_tasks(model, tokenizer, tasks, cfg, "cpu", activate=activate, reports=reports)
+    else:
+        metrics = {k: v for k, v in evaluated.items() if k.startswith("eval/") or k == "val/loss"}
     if heads.router is not None:
         agent = Agent(lm, heads, pad_id(tokenizer), min_confidence, fallback)
         metrics |= evaluate_agent(model, tokenizer, tasks, cfg, agent, activate)
