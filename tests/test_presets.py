@@ -56,7 +56,7 @@ def test_every_option_composes_with_five_steps(option, tmp_path, monkeypatch):
 
 # Recipes and model presets that train here; each gets its 5 steps. model=llama_1b is left to
 # test_memory (refused in seconds with the default ZeRO-2, naming zero3; 5 steps of 1B under ZeRO-3
-# take ~20 minutes on 2 cores). Evaluation is shrunk (one validation batch, 8 held-out examples a
+# take ~20 minutes on 2 cores). Evaluation is shrunk (one validation batch, 4 held-out examples a
 # task), and the batch (4: a micro batch of 2 on each worker): the model and its recipe are not. Trained
 # elsewhere, so not again here: model=tiny (experiment=pretrain_tiny is that model, and most e2e
 # tests train it), experiment=multitask_smollm2 (test_real_model trains that recipe and serves it)
@@ -86,7 +86,7 @@ def test_every_recipe_and_model_preset_trains_five_steps(preset, walk_dir, ray_s
 
     run_dir = walk_dir / preset.replace("=", "-")
     overrides = [preset, "trainer.max_steps=5", "tracking=disabled", f"data.cache_dir={CACHE}"]
-    overrides += [f"hydra.run.dir={run_dir}", "task.eval_examples=8", "trainer.eval_batches=1"]
+    overrides += [f"hydra.run.dir={run_dir}", "task.eval_examples=4", "trainer.eval_batches=1"]
     overrides += ["trainer.micro_batch_size=2", "trainer.global_batch_size=4"]
     if preset == "experiment=multitask":  # its init_from=latest: the pretraining run of this walk
         pretrained = walk_dir / "experiment-pretrain_tiny" / "export"
