@@ -104,7 +104,8 @@ def run(
         train_worker,
         train_loop_config={
             "cfg": cfg,
-            "data": data,
+            # Encoded tasks (tens of MB) go through the object store, not inside every worker's config.
+            "data": ray.put(data) if cfg.task.tasks else data,
             "tokenizer_dir": str(tokenizer_dir),
             "sink": sink,
             "resume_from": resume_from,
@@ -342,8 +343,8 @@ def _checkpoint_config(cfg: Config):
 
 
 def _prepare_inputs(cfg: Config, console, verbose: bool = False):
-    """(PreparedData or None, tokenizer dir). Pretraining tokenizes the corpus (cached);
-    fine-tuning takes the pretrained model's tokenizer and generates/reads tasks in the workers."""
+    """(PreparedData or EncodedTasks, tokenizer dir). Pretraining tokenizes the corpus (cached);
+    fine-tuning takes the pretrained model's tokenizer and generates/reads and encodes the tasks."""
     source = cfg.init_from or cfg.model.pretrained
     if cfg.task.tasks:
         if source is None:
@@ -351,16 +352,22 @@ def _prepare_inputs(cfg: Config, console, verbose: bool = False):
                 "fine-tuning on tasks needs a pretrained model: set init_from=runs/<pretraining run>/export "
                 "(or model.pretrained=<HF model dir>)"
             )
+        from distlm.data.batches import encode_tasks
         from distlm.data.tasks import load_tasks
         from distlm.data.tokenizer import load_tokenizer
 
-        # Clear errors now (bad tokenizer, malformed task files) rather than in every worker.
+        # Once, here: clear errors now (bad tokenizer, malformed task files), and the workers take
+        # the encoded examples from Ray's object store instead of each tokenizing them all again.
         tokenizer = load_tokenizer(source)
-        for name, task in load_tasks(cfg.task, tokenizer, cfg.trainer.seed).items():
+        tasks = load_tasks(cfg.task, tokenizer, cfg.trainer.seed)
+        encoded = encode_tasks(tasks, tokenizer, cfg.data.seq_len, cfg.trainer.global_batch_size)
+        for name, task in tasks.items():
             skipped = f", {task.skipped} malformed lines skipped" if task.skipped else ""
-            console.log(f"task {name}: {len(task.train)} train / {len(task.eval)} held-out examples{skipped}")
+            too_long = encoded.too_long[name]
+            dropped = f", {too_long} longer than data.seq_len={cfg.data.seq_len} dropped" if too_long else ""
+            console.log(f"task {name}: {len(task.train)} train / {len(task.eval)} held-out examples{skipped}{dropped}")
         console.log(f"fine-tuning {source} on tasks {', '.join(cfg.task.tasks)} with adapter={cfg.adapter.name}")
-        return None, source
+        return encoded, source
     from distlm.data import prepare_data
 
     if source is not None and cfg.data.tokenizer is None:

@@ -56,7 +56,9 @@ class WorkerArgs:
     """What the driver hands every worker (Ray Train's train_loop_config, a dict at the boundary)."""
 
     cfg: Config
-    data: Any = None  # pretraining: the prepared token files (distlm.data.tokens.PreparedData)
+    # Pretraining: the prepared token files (PreparedData); fine-tuning: the encoded tasks
+    # (distlm.data.batches.EncodedTasks, or a Ray ObjectRef to them).
+    data: Any = None
     tokenizer_dir: Optional[str] = None  # fine-tuning: the tokenizer the tasks are encoded with
     sink: Any = None  # the driver's MetricsSink actor (None in a bare Ray Train run)
     resume_from: Optional[str] = None  # the newest intact checkpoint, when Ray's newest was damaged
@@ -111,8 +113,12 @@ class Trainer:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_dir)
-            self.tasks = load_tasks(cfg.task, self.tokenizer, self.tr.seed)
-            self.batches = TaskBatches(self.tasks, self.tokenizer, cfg.task, self.tr, seq_len, self.rank, self.world)
+            # The driver's encoded tasks (distlm.driver: _prepare_inputs); built here in a bare Ray Train run.
+            encoded = ray.get(args.data) if isinstance(args.data, ray.ObjectRef) else args.data
+            self.tasks = encoded.tasks if encoded is not None else load_tasks(cfg.task, self.tokenizer, self.tr.seed)
+            self.batches = TaskBatches(
+                self.tasks, self.tokenizer, cfg.task, self.tr, seq_len, self.rank, self.world, encoded
+            )
             vocab_size, eos_id = len(self.tokenizer), self.tokenizer.eos_token_id
         else:
             self.batches = PretrainBatches(args.data, seq_len, self.tr, self.rank, self.world)

@@ -12,7 +12,7 @@ import torch
 from helpers import tiny_pretrained
 
 from distlm.config import ConfigError, TaskConfig, TasksConfig, TrainerConfig, compose
-from distlm.data.batches import IGNORE, TaskBatches, collate, encode_example
+from distlm.data.batches import IGNORE, TaskBatches, collate, encode_example, encode_examples
 from distlm.data.corpus import DataError
 from distlm.data.mixture import TaskMixture, mixture_weights
 from distlm.data.tasks import TaskData, generate, load_task, read_jsonl
@@ -351,6 +351,11 @@ def test_every_assistant_turn_is_learned_in_the_servers_rendering(train_on, smol
     path.write_text(json.dumps(CONVERSATION) + "\n")
     (prompt, target), *_ = read_jsonl(str(path), False, tok.apply_chat_template, train_on=train_on)[0]
     ids, labels = encode_example(tok, prompt, target)
+    # The batched encoder the driver uses (the tokenizer's own batch call) learns the same tokens.
+    assert encode_examples(tok, [(prompt, target), ("a plain prompt", " x")]) == [
+        (ids, labels),
+        encode_example(tok, "a plain prompt", " x"),
+    ]
 
     end = tok.eos_token  # <|im_end|>, SmolLM2's end of turn and EOS
     call = format_call("get_weather", {"city": "Oslo"})

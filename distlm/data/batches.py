@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from distlm.config import TasksConfig, TrainerConfig
@@ -68,6 +69,43 @@ def encode_example(tokenizer, prompt: str, target: str) -> Tuple[List[int], List
     return prompt_ids + target_ids, prompt_labels + target_ids
 
 
+def _encode_batch(tokenizer, texts: List[str], offsets: bool = False):
+    """(ids, character offsets or None) of each text without special tokens: a fast tokenizer's
+    own batch encoder when there is one (what `tokenizer(texts)` calls, without converting every
+    field of every encoding to Python lists), else the tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], [e.offsets for e in encodings] if offsets else None
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+    return encoded.input_ids, encoded.offset_mapping if offsets else None
+
+
+def encode_examples(tokenizer, examples: List[Tuple[str, str]]) -> List[Tuple[List[int], List[int]]]:
+    """`encode_example` for many examples in two batched tokenizer calls (the tokenizer's own
+    threads; one call per example spends most of its time outside the tokenizer)."""
+    if not examples:
+        return []
+    prompts, offsets = _encode_batch(tokenizer, [str(p) for p, _ in examples], offsets=True)
+    targets, _ = _encode_batch(tokenizer, [t for _, t in examples])
+    out = []
+    for k, ((prompt, _), target_ids) in enumerate(zip(examples, targets)):
+        prompt_ids = prompts[k]
+        prompt_labels = [IGNORE] * len(prompt_ids)
+        spans = getattr(prompt, "spans", ()) if getattr(prompt, "learned", False) else ()
+        if spans:
+            offsets_k = np.asarray(offsets[k], dtype=np.int64).reshape(-1, 2)
+            start, end = offsets_k[:, 0], offsets_k[:, 1]
+            inside = np.zeros(len(prompt_ids), dtype=bool)
+            for a, b in spans:
+                inside |= (a <= start) & (end <= b)
+            for i in np.flatnonzero(inside & (end > start)):
+                prompt_labels[i] = prompt_ids[i]
+        target_ids = target_ids + [tokenizer.eos_token_id]
+        out.append((prompt_ids + target_ids, prompt_labels + target_ids))
+    return out
+
+
 def collate_requests(requests: List[List[int]], labels: List[int], pad_id: int) -> Dict[str, torch.Tensor]:
     """A classification batch: the requests right-padded (masked from attention) and their classes."""
     width = max(len(ids) for ids in requests)
@@ -109,6 +147,38 @@ def only_target_logits(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
     return {**batch, "logits_to_keep": keep, "labels": targets, "shift_labels": targets}
 
 
+@dataclass
+class EncodedTasks:
+    """Every task's training examples as token ids, built once on the driver and handed to the
+    workers through Ray's object store (each worker would otherwise tokenize them all again)."""
+
+    tasks: Dict[str, TaskData]
+    examples: Dict[str, List[Tuple[List[int], Any]]]  # (ids, labels) or (request ids, class index)
+    too_long: Dict[str, int]  # examples dropped as longer than data.seq_len
+
+
+def encode_tasks(tasks: Dict[str, TaskData], tokenizer, seq_len: int, global_batch_size: int) -> EncodedTasks:
+    examples: Dict[str, List[Tuple[List[int], Any]]] = {}
+    too_long: Dict[str, int] = {}
+    for name, task in tasks.items():
+        if task.is_classification:
+            index = {label: i for i, label in enumerate(task.labels)}
+            ids, _ = _encode_batch(tokenizer, [str(p) for p, _ in task.train])
+            encoded = [(x, index[label]) for x, (_, label) in zip(ids, task.train)]
+        else:
+            encoded = encode_examples(tokenizer, task.train)
+        kept = [e for e in encoded if len(e[0]) <= seq_len]
+        too_long[name] = len(encoded) - len(kept)
+        if len(kept) < global_batch_size:
+            raise DataError(
+                f"task {name!r} has {len(kept)} training examples within data.seq_len={seq_len} "
+                f"({too_long[name]} longer ones dropped), fewer than trainer.global_batch_size={global_batch_size}: "
+                "add examples, raise data.seq_len or lower the batch size"
+            )
+        examples[name] = kept
+    return EncodedTasks(tasks, examples, too_long)
+
+
 class TaskBatches:
     def __init__(
         self,
@@ -119,28 +189,13 @@ class TaskBatches:
         seq_len: int,
         rank: int,
         world: int,
+        encoded: Optional[EncodedTasks] = None,  # the driver's encode_tasks; built here when None
     ):
         self.rank, self.world, self.micro = rank, world, tr.micro_batch_size
         self.pad_id = pad_id(tokenizer)
         self.classification = {name: task.labels for name, task in tasks.items() if task.is_classification}
-        self.examples: Dict[str, List[Tuple[List[int], Any]]] = {}
-        self.too_long: Dict[str, int] = {}
-        for name, task in tasks.items():
-            if task.is_classification:
-                index = {label: i for i, label in enumerate(task.labels)}
-                ids = tokenizer([p for p, _ in task.train], add_special_tokens=False).input_ids
-                encoded = [(x, index[label]) for x, (_, label) in zip(ids, task.train)]
-            else:
-                encoded = [encode_example(tokenizer, p, t) for p, t in task.train]
-            kept = [e for e in encoded if len(e[0]) <= seq_len]
-            self.too_long[name] = len(encoded) - len(kept)
-            if len(kept) < tr.global_batch_size:
-                raise DataError(
-                    f"task {name!r} has {len(kept)} training examples within data.seq_len={seq_len} "
-                    f"({self.too_long[name]} longer ones dropped), fewer than trainer.global_batch_size={tr.global_batch_size}: "
-                    "add examples, raise data.seq_len or lower the batch size"
-                )
-            self.examples[name] = kept
+        encoded = encoded or encode_tasks(tasks, tokenizer, seq_len, tr.global_batch_size)
+        self.examples, self.too_long = encoded.examples, encoded.too_long
         router = ROUTER if ROUTER in self.examples else None
         self.mixture = TaskMixture(cfg, {n: len(e) for n, e in self.examples.items()}, tr.seed, router)
         # Each task's sampler walks the whole global batch; ranks take their share below.
