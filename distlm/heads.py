@@ -128,8 +128,7 @@ def pooled_hidden(
     """Hidden states after the final norm averaged over the tokens of each request: (batch, hidden).
     layers=None reads the final ones; layers=k the output of the k-th decoder layer put through the
     final norm (= last_hidden_state of the model loaded with num_hidden_layers=k). stop=True skips
-    the layers after it (serving; training runs them all: ZeRO-3 gathers parameters per layer in
-    forward order). adapter_names: each row's peft adapter (see rows_through)."""
+    the layers after it (not under ZeRO-3: it gathers parameters per layer in forward order). adapter_names: each row's peft adapter (see rows_through)."""
     model = decoder(lm)
 
     def call():
@@ -152,13 +151,19 @@ def language_model(model: torch.nn.Module) -> torch.nn.Module:
 
 class TaskModel(torch.nn.Module):
     """The language model (with its peft adapters, if any) plus one linear head per classification
-    task and, optionally, the router. forward(head=None) is the language model's own forward."""
+    task and, optionally, the router. forward(head=None) is the language model's own forward.
+    stop_early: a head that reads fewer layers than the model has skips the rest (the router reads
+    a quarter of them); not under ZeRO-3, which gathers parameters in the traced forward order."""
 
     def __init__(
-        self, lm: torch.nn.Module, heads: Dict[str, List[str]], layers: Optional[Dict[str, Optional[int]]] = None
+        self,
+        lm: torch.nn.Module,
+        heads: Dict[str, List[str]],
+        layers: Optional[Dict[str, Optional[int]]] = None,
+        stop_early: bool = False,
     ) -> None:
         super().__init__()
-        self.lm = lm
+        self.lm, self.stop_early = lm, stop_early
         self.labels = dict(heads)
         self.layers = {name: (layers or {}).get(name) for name in heads}  # decoder layers each reads; None = all
         hidden = hidden_size(lm)
@@ -175,9 +180,13 @@ class TaskModel(torch.nn.Module):
             # The base alone, no gradient into it: the router's features are fixed by the base.
             frozen = self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
             with frozen, torch.no_grad():
-                features = pooled_hidden(self.lm, batch["input_ids"], batch["attention_mask"], self.layers[head])
+                features = pooled_hidden(
+                    self.lm, batch["input_ids"], batch["attention_mask"], self.layers[head], self.stop_early
+                )
         else:
-            features = pooled_hidden(self.lm, batch["input_ids"], batch["attention_mask"], self.layers[head])
+            features = pooled_hidden(
+                self.lm, batch["input_ids"], batch["attention_mask"], self.layers[head], self.stop_early
+            )
         layer = self.heads[head]
         logits = layer(features.to(layer.weight.dtype)).float()
         loss = None
@@ -255,6 +264,7 @@ def attach_heads(lm: torch.nn.Module, export_heads) -> TaskModel:
         lm,
         {name: config["labels"] for name, config in configs.items()},
         {name: config.get("num_hidden_layers") for name, config in configs.items()},
+        stop_early=True,
     )
     with torch.no_grad():
         for name, layer in export_heads.layers.items():

@@ -134,7 +134,7 @@ class Trainer:
         heads = {name: task.labels for name, task in self.tasks.items() if task.is_classification}
         if heads:  # classification tasks and the router: linear heads over the model's hidden states
             layers = {ROUTER: router_layers(self.lm, cfg.task.router_depth)} if ROUTER in heads else {}
-            model = TaskModel(self.lm, heads, layers)
+            model = TaskModel(self.lm, heads, layers, stop_early=cfg.zero.stage < 3)
         engine.prepare(model, adapters.param_groups(model, cfg.adapter, list(self.tasks), self.tr.weight_decay))
         release_free_memory()
         self.built = time.time()
