@@ -103,6 +103,9 @@ class SlurmCluster:
                     "SelectType=select/cons_tres",
                     "SelectTypeParameters=CR_Core",
                     "SchedulerType=sched/builtin",
+                    # A requeued job becomes eligible once its hold (cred_expire) ends, with no event
+                    # to schedule it: the main loop's pass (every 60 s by default) starts it.
+                    "SchedulerParameters=sched_interval=2",
                     "MpiDefault=none",
                     # GPU requests parse (sbatch --test-only), though this node has none.
                     "GresTypes=gpu",
