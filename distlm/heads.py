@@ -68,6 +68,16 @@ def router_layers(lm: torch.nn.Module, depth: float) -> int:
     return max(1, min(num_layers(lm), round(depth * num_layers(lm))))
 
 
+def router_flops_per_token(lm: torch.nn.Module, seq_len: int, layers: int) -> float:
+    """A router step's FLOPs per token: the forward alone (2 per parameter, 4*d*T of attention a
+    layer) through the decoder layers it computes; no gradient reaches the base, only its head."""
+    from distlm.models import numel
+
+    blocks = _child(decoder(lm), ("layers", "h"), "layer list")
+    params = sum(numel(p) for block in list(blocks)[:layers] for p in block.parameters())
+    return 2.0 * params + 4.0 * layers * hidden_size(lm) * seq_len
+
+
 class _Stop(Exception):
     """Raised by the hook on the last layer a head reads: nothing after it needs computing."""
 

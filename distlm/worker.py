@@ -36,7 +36,15 @@ from distlm.data.tasks import ROUTER, load_tasks
 from distlm.engine import Engine
 from distlm.evaluate import evaluate_tasks, validation_loss, write_report
 from distlm.failures import BadSteps, Faults, Heartbeat, SpikeGuard, Where, handle_worker_error
-from distlm.heads import TaskModel, head_adapter, language_model, router_layers, write_heads_config
+from distlm.heads import (
+    TaskModel,
+    head_adapter,
+    language_model,
+    num_layers,
+    router_flops_per_token,
+    router_layers,
+    write_heads_config,
+)
 from distlm.models import build_model, flops_per_token
 from distlm.runtime import all_reduce_sum, apply_collective_timeout, resolve_runtime
 from distlm.tracking import (
@@ -128,12 +136,15 @@ class Trainer:
         engine = self.engine = Engine(cfg.zero, self.tr, self.runtime, self.world)
         model = build_model(cfg.model, vocab_size, seq_len, eos_id, self.tr.seed, cfg.init_from, engine.gather)
         release_free_memory()  # what building took beyond the model
-        self.model_flops_per_token = flops_per_token(model, seq_len)
+        self.flops_per_token = {None: flops_per_token(model, seq_len)}  # a step's task -> its FLOPs a token
         torch.manual_seed(self.tr.seed)  # adapters' and heads' initialisation: the same in every run and on every rank
         model = self.lm = adapters.apply_adapters(model, cfg.adapter, list(self.tasks))
         heads = {name: task.labels for name, task in self.tasks.items() if task.is_classification}
         if heads:  # classification tasks and the router: linear heads over the model's hidden states
             layers = {ROUTER: router_layers(self.lm, cfg.task.router_depth)} if ROUTER in heads else {}
+            if ROUTER in heads:  # its steps compute a fraction of the base, forward only
+                computed = layers[ROUTER] if cfg.zero.stage < 3 else num_layers(self.lm)
+                self.flops_per_token[ROUTER] = router_flops_per_token(self.lm, seq_len, computed)
             model = TaskModel(self.lm, heads, layers, stop_early=cfg.zero.stage < 3)
         engine.prepare(model, adapters.param_groups(model, cfg.adapter, list(self.tasks), self.tr.weight_decay))
         release_free_memory()
@@ -248,7 +259,8 @@ class Trainer:
             mean_loss = float(step_loss) / len(step.micro_batches)
             raise self.bad_steps.error(state.step, mean_loss, lr, self.runtime.precision)
         if not skipped:
-            self.window.add(step_loss, step_tokens)
+            flops = self.flops_per_token.get(step.task, self.flops_per_token[None])
+            self.window.add(step_loss, step_tokens, step_tokens * flops)
             self.window.steps += 1
         self.window.tasks.add(step.task)
         self.lr = lr
@@ -258,8 +270,8 @@ class Trainer:
         """(the train/ metrics of the steps since the last logged one, the ranks' stop votes): one
         collective and one host sync, for the window's loss and tokens and the stop vote."""
         engine, window, state = self.engine, self.window, self.state
-        loss_sum, window_tokens, stop_votes = all_reduce_sum(
-            [window.loss_sum / engine.accum_steps, window.tokens, self.stop.poll()], engine.device
+        loss_sum, window_tokens, window_flops, stop_votes = all_reduce_sum(
+            [window.loss_sum / engine.accum_steps, window.tokens, window.flops, self.stop.poll()], engine.device
         )
         train_loss = loss_sum / self.world / window.steps if window.steps else float("nan")
         state.tokens_seen += int(window_tokens)
@@ -269,7 +281,7 @@ class Trainer:
             "train/lr": self.lr,
             "train/grad_norm": engine.grad_norm(),
             "train/tokens_per_s": window_tokens / elapsed,
-            "train/mfu": window_tokens / self.world * self.model_flops_per_token / elapsed / self.peak_flops,
+            "train/mfu": window_flops / self.world / elapsed / self.peak_flops,
             "train/tokens_seen": state.tokens_seen,
             "train/step_time_s": elapsed / max(1, window.steps),
             "train/skipped_steps": engine.skipped_steps,
@@ -456,13 +468,15 @@ class _Window:
     def __init__(self, device: torch.device) -> None:
         self.loss_sum = torch.zeros((), device=device)
         self.tokens = 0
+        self.flops = 0.0  # each step's tokens times its FLOPs a token (a router step computes less)
         self.steps = 0
         self.tasks: set = set()
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
+    def add(self, loss: torch.Tensor, tokens: int, flops: float) -> None:
         self.loss_sum += loss.float()
         self.tokens += tokens
+        self.flops += flops
 
 
 def _output_to_file(path: Path, rank: int) -> None:

@@ -28,6 +28,16 @@ def test_model_presets_build_and_run(preset, tmp_path):
     # A fresh model predicts roughly uniformly: loss near ln(vocab).
     assert abs(out.loss.item() - math.log(512)) < 1.0
     assert flops_per_token(model, 32) > 6 * 512 * cfg.model.hidden_size
+    # A router step is the forward alone through its layers: a third of their training FLOPs, so
+    # through every layer 1/3 of the whole model's less the parameters outside the layers
+    # (embeddings, final norm, an untied output head).
+    from distlm.heads import router_flops_per_token
+
+    layers = cfg.model.num_layers
+    blocks = model.base_model.layers if hasattr(model.base_model, "layers") else model.base_model.h  # gpt2: h
+    outside = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in blocks.parameters())
+    assert 3 * router_flops_per_token(model, 32, layers) == pytest.approx(flops_per_token(model, 32) - 6 * outside)
+    assert router_flops_per_token(model, 32, 1) == pytest.approx(router_flops_per_token(model, 32, layers) / layers)
     # What every checkpoint and export writes: transformers validates the config as it saves it.
     model.config.save_pretrained(tmp_path / "saved")
     assert type(model.config).from_pretrained(tmp_path / "saved").num_hidden_layers == cfg.model.num_layers
