@@ -39,13 +39,14 @@ LLAMA = [
     "model.intermediate_size=128",
     "model.extra.num_key_value_heads=2",
 ]
+# ZeRO-2 without accumulation meets the reference in
+# test_resume_on_another_number_of_workers_continues_the_same_run[zero2] (steps 1-4, 2 workers).
 CASES = {
     "zero0": ["zero=zero0"],
     "zero1": ["zero=zero1"],
-    "zero2": ["zero=zero2"],
-    "zero3": ["zero=zero3"],
     # 2 micro steps per optimizer step on each worker.
     "zero2-accumulation": ["zero=zero2", "trainer.global_batch_size=8"],
+    "zero3": ["zero=zero3"],
     "zero3-llama-activation-checkpointing": ["zero=zero3", *LLAMA, "model.activation_checkpointing=true"],
     "zero3-offload": ["zero=zero3_offload"],
 }
