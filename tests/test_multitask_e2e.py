@@ -53,20 +53,27 @@ def _task_of_each_step(records, tasks):
     return steps
 
 
-def test_per_task_lora_zero3_isolates_adapters(pretrained, tmp_path, ray_session):
-    run_dir = tmp_path / "run"
-    overrides = [
-        "adapter=per_task_lora",
-        # Each adapter also trains its own copy of the embeddings (tied to the head) and norms.
-        "adapter.modules_to_save=[embeddings,norms]",
-        "zero=zero3",
-        f"init_from={pretrained}",
-        "trainer.max_steps=6",
-        "trainer.eval_every=6",
-        "trainer.checkpoint_every=1",
-        "trainer.keep_checkpoints=10",
-    ]
-    cfg, summary, records = _train(overrides, run_dir)
+PER_TASK_ZERO3 = [
+    "adapter=per_task_lora",
+    # Each adapter also trains its own copy of the embeddings (tied to the head) and norms.
+    "adapter.modules_to_save=[embeddings,norms]",
+    "zero=zero3",
+    "trainer.max_steps=6",
+    "trainer.eval_every=6",
+    "trainer.checkpoint_every=1",
+    "trainer.keep_checkpoints=10",
+]
+
+
+@pytest.fixture(scope="module")
+def per_task_zero3(pretrained, tmp_path_factory, ray_session):
+    """(cfg, summary, records, run dir) of one per-task LoRA run under ZeRO-3 (two tests read it)."""
+    run_dir = tmp_path_factory.mktemp("per_task_zero3") / "run"
+    return (*_train([*PER_TASK_ZERO3, f"init_from={pretrained}"], run_dir), run_dir)
+
+
+def test_per_task_lora_zero3_isolates_adapters(per_task_zero3, pretrained, tmp_path):
+    cfg, summary, records, run_dir = per_task_zero3
     tasks = list(cfg.task.tasks)
     export = Path(summary["export"])
     assert sorted(p.name for p in (export / "adapters").iterdir()) == sorted(tasks)
@@ -154,17 +161,9 @@ def test_shared_lora_and_full_finetuning_zero2(adapter, pretrained, tmp_path, ra
         assert evaluated[f"eval/{task}/exact_match"] == records[-1][f"eval/{task}/exact_match"]
 
 
-def test_fine_tuning_is_reproducible(pretrained, tmp_path, ray_session):
-    """Two fresh runs of the same command train the same adapters: equal losses at every step
-    (the adapters' initialisation comes from the run's seed, not the process's RNG state)."""
-    overrides = [
-        "adapter=per_task_lora",
-        "adapter.modules_to_save=[norms]",
-        "zero=zero2",
-        f"init_from={pretrained}",
-        "trainer.max_steps=8",
-        "trainer.eval_every=8",
-    ]
-    runs = [_train(overrides, tmp_path / f"run{i}")[2] for i in range(2)]
-    losses = [[r["train/loss"] for r in records if "train/loss" in r] for records in runs]
-    assert len(losses[0]) == 8 and losses[0] == losses[1]
+def test_fine_tuning_is_reproducible(per_task_zero3, pretrained, tmp_path):
+    """A fresh run of the same command trains the same adapters: equal losses at every step (the
+    adapters' initialisation comes from the run's seed, not the process's RNG state)."""
+    again = _train([*PER_TASK_ZERO3, f"init_from={pretrained}"], tmp_path / "run")[2]
+    losses = [[r["train/loss"] for r in records if "train/loss" in r] for records in (per_task_zero3[2], again)]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
