@@ -78,7 +78,7 @@ def planned(model: str, preset: str) -> dict:
     """The pre-flight's figures for this run (what `distlm plan` prints), in this process."""
     from distlm import memory
     from distlm.config import compose
-    from distlm.driver import resolve_pretrained
+    from distlm.driver import convert_gguf_inputs
     from distlm.runtime import resolve_runtime
 
     class Quiet:
@@ -86,7 +86,7 @@ def planned(model: str, preset: str) -> dict:
             pass
 
     cfg, _ = compose([*MODELS[model], f"zero={preset}", *RUN])
-    resolve_pretrained(cfg, Quiet())
+    convert_gguf_inputs(cfg, Quiet())
     runtime = resolve_runtime(cfg.cluster)
     plan = memory.plan(cfg, runtime.device, runtime.precision, joined=False)
     states = memory.model_states(plan.shape, plan.setting)

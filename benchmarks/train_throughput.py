@@ -149,7 +149,7 @@ def worker_r(cfg, data, threads: int, out: Path, workers: int = 1) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from distlm.driver import init_ray
+    from distlm.driver import ray_for_run
 
     here = str(Path(__file__).resolve().parent)
 
@@ -161,7 +161,7 @@ def worker_r(cfg, data, threads: int, out: Path, workers: int = 1) -> None:
         if times is not None:  # rank 0
             out.write_text(json.dumps({"step_times": times, "first_step_at": bench.FIRST_STEP["at"]}))
 
-    init_ray(cfg)
+    ray_for_run(cfg)
     TorchTrainer(
         train_fn,
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),

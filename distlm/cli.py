@@ -141,13 +141,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     import json
 
     from distlm.data.tokens import find_prepared, prepare_data, summary_line
-    from distlm.driver import init_ray
+    from distlm.driver import ray_for_run
 
     try:
         data = find_prepared(cfg.data, seed=cfg.trainer.seed)
         cached = data is not None
         if data is None:
-            data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True, ray_init=lambda: init_ray(cfg))
+            data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True, ray_init=lambda: ray_for_run(cfg))
     except ConfigError as e:
         return _fail(str(e), EXIT_CONFIG)
     except KeyboardInterrupt:
@@ -174,11 +174,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from rich.table import Table
 
         from distlm import memory
-        from distlm.driver import resolve_pretrained
+        from distlm.driver import convert_gguf_inputs
         from distlm.runtime import ray_target, resolve_runtime
 
         console = Console(width=max(120, Console().width))
-        resolve_pretrained(cfg, console)
+        convert_gguf_inputs(cfg, console)
         runtime = resolve_runtime(cfg.cluster)
         joined = ray_target(cfg.cluster.address).address is not None
         if joined:

@@ -53,7 +53,7 @@ def run(
     console.log(f"run dir: {run_dir}")
     from distlm.runtime import ray_target, resolve_runtime
 
-    resolve_pretrained(cfg, console)
+    convert_gguf_inputs(cfg, console)
     # The memory pre-flight: before anything slow (data, Ray) when the workers run on this machine,
     # after joining the cluster otherwise.
     target = ray_target(cfg.cluster.address)
@@ -76,7 +76,7 @@ def run(
     from distlm.failures import controller_callback
     from distlm.tracking import MetricsSink
 
-    init_ray(cfg, verbose)
+    ray_for_run(cfg, verbose)
     runtime = resolve_runtime(cfg.cluster, cuda_available=_cluster_has_gpus())
     if joined:
         plan = _preflight(cfg, runtime, joined, console)
@@ -101,7 +101,7 @@ def run(
     if runtime.device == "cuda":
         resources["GPU"] = cfg.cluster.gpus_per_worker
     trainer = TorchTrainer(
-        train_worker,
+        _worker_entry,
         train_loop_config={
             "cfg": cfg,
             # Encoded tasks (tens of MB) go through the object store, not inside every worker's config.
@@ -220,7 +220,7 @@ def run(
     return summary
 
 
-def train_worker(config: Dict[str, Any]) -> None:
+def _worker_entry(config: Dict[str, Any]) -> None:
     """Ray Train's entry point on every worker: distlm.worker.train_worker, imported there, so this
     process never imports torch's training stack, DeepSpeed or peft just to name the function."""
     from distlm.worker import train_worker as run
@@ -375,7 +375,7 @@ def _prepare_inputs(cfg: Config, console, verbose: bool = False):
         cfg.data.tokenizer = source
         console.log(f"tokenizer: {source}'s own (data.tokenizer=<dir> picks another)")
     # Ray is started (or joined) here only if the data is large enough for Ray Data (data.engine).
-    data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True, ray_init=lambda: init_ray(cfg, verbose))
+    data = prepare_data(cfg.data, seed=cfg.trainer.seed, progress=True, ray_init=lambda: ray_for_run(cfg, verbose))
     console.log(f"data: {data.num_train_tokens:,} train / {data.num_val_tokens:,} val tokens, vocab {data.vocab_size}")
     if cfg.model.pretrained is None and cfg.init_from is None:
         check_model_config(cfg, data)
@@ -431,7 +431,7 @@ def _write_memory(run_dir: Path, measured: List[Dict[str, float]], plan, console
         console.log(f"memory: peak {gb(max(peaks))} per worker (estimate {gb(estimate['per_worker'])})")
 
 
-def resolve_pretrained(cfg: Config, console) -> None:
+def convert_gguf_inputs(cfg: Config, console) -> None:
     """.gguf files given as the model, init_from or tokenizer become Hugging Face directories,
     converted once on the driver into the data cache; the workers then load those."""
     for section, key, name in [
@@ -562,7 +562,7 @@ class _StopOnSigterm:
         ray.get(self.sink.request_stop.remote(), timeout=60)
 
 
-def init_ray(cfg: Config, verbose: bool = False) -> None:
+def ray_for_run(cfg: Config, verbose: bool = False) -> None:
     """Join cluster.address (or RAY_ADDRESS), else start a local Ray. Unless verbose, Ray's own
     start-up lines and the actors' output (Ray Train's controller, the workers) stay off the console."""
     from distlm.runtime import init_ray as start_or_join

@@ -33,7 +33,7 @@ def _check_port_free(host: str, port: int) -> None:
             ) from e
 
 
-def init_ray(cfg: ServeConfig, ray_address: Optional[str] = None) -> bool:
+def ray_for_serving(cfg: ServeConfig, ray_address: Optional[str] = None) -> bool:
     """Join the Ray that ray_target(ray_address) names (ray_address, $RAY_ADDRESS, a `ray start` on
     this machine), else start a local Ray. True if started here."""
     import ray
@@ -107,7 +107,7 @@ def serve_forever(
     # Set again once Ray is up: ray.init installs its own SIGTERM handler, which exits at once.
     signal.signal(signal.SIGINT, terminate)
     signal.signal(signal.SIGTERM, terminate)
-    started_ray = init_ray(cfg, ray_address)
+    started_ray = ray_for_serving(cfg, ray_address)
     signal.signal(signal.SIGINT, terminate)
     signal.signal(signal.SIGTERM, terminate)
     try:
