@@ -47,9 +47,13 @@ def _vllm_installed() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `vllm` need vLLM, which lives in its own environment (.venv-vllm: its pins
+    """Tests that read the real model's files (the smollm2 fixtures) are marked `real_model`.
+    Tests marked `vllm` need vLLM, which lives in its own environment (.venv-vllm: its pins
     differ from the default install's); `make test` runs them there. Elsewhere they are left out
     and the summary says so."""
+    for item in items:
+        if {"smollm2_gguf", "smollm2_dir"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_model)
     if _vllm_installed():
         return
     vllm = [item for item in items if item.get_closest_marker("vllm")]

@@ -69,7 +69,7 @@ TRAIN = [
     "model=qwen2",
     "model=gpt2",
     "experiment=multitask",
-    "experiment=agent",
+    pytest.param("experiment=agent", marks=pytest.mark.real_model),  # model=smollm2_135m
 ]
 
 

@@ -21,7 +21,7 @@ from helpers.slurm import SlurmCluster
 from distlm.launch.slurm import Job, follow, job_state
 from distlm.report import read_metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 # Enough steps (of a model big enough to take visible time) that a SIGTERM lands mid-run;
 # checkpoints only at the end, so one at any other step can only come from the SIGTERM path.
