@@ -77,6 +77,8 @@ def run(
     from distlm.tracking import MetricsSink
 
     ray_for_run(cfg, verbose)
+    if cfg.task.tasks:  # the encoded tasks (tens of MB) into the object store; the driver keeps the reference only
+        data = ray.put(data)
     runtime = resolve_runtime(cfg.cluster, cuda_available=_cluster_has_gpus())
     if joined:
         plan = _preflight(cfg, runtime, joined, console)
@@ -104,8 +106,7 @@ def run(
         _worker_entry,
         train_loop_config={
             "cfg": cfg,
-            # Encoded tasks (tens of MB) go through the object store, not inside every worker's config.
-            "data": ray.put(data) if cfg.task.tasks else data,
+            "data": data,
             "tokenizer_dir": str(tokenizer_dir),
             "sink": sink,
             "resume_from": resume_from,

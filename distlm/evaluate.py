@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from distlm.config import TasksConfig
-from distlm.data.batches import IGNORE, collate, collate_requests, encode_example, pad_id
+from distlm.data.batches import IGNORE, collate, collate_requests, encode_examples, pad_id
 from distlm.data.tasks import ROUTER, TaskData
 from distlm.data.tokens import TokenBlocks
 from distlm.runtime import all_reduce_sum
@@ -139,7 +139,7 @@ def _generative(model, tokenizer, examples, device, rank, world, batch_size, max
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
-            encoded = [encode_example(tokenizer, p, t) for (p, t), _ in chunk]
+            encoded = encode_examples(tokenizer, [example for example, _ in chunk])
             weights = torch.tensor([w for _, w in chunk], device=device)
             batch = {k: v.to(device) for k, v in collate(encoded, pad).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -138,7 +138,8 @@ def pooled_hidden(
     """Hidden states after the final norm averaged over the tokens of each request: (batch, hidden).
     layers=None reads the final ones; layers=k the output of the k-th decoder layer put through the
     final norm (= last_hidden_state of the model loaded with num_hidden_layers=k). stop=True skips
-    the layers after it (not under ZeRO-3: it gathers parameters per layer in forward order). adapter_names: each row's peft adapter (see rows_through)."""
+    the layers after it (not under ZeRO-3: it gathers parameters per layer in forward order).
+    adapter_names: each row's peft adapter (see rows_through)."""
     model = decoder(lm)
 
     def call():
@@ -186,17 +187,19 @@ class TaskModel(torch.nn.Module):
     def forward(self, head: Optional[str] = None, class_labels: Optional[torch.Tensor] = None, **batch):
         if head is None:
             return self.lm(**batch)
+
+        def read():
+            return pooled_hidden(
+                self.lm, batch["input_ids"], batch["attention_mask"], self.layers[head], self.stop_early
+            )
+
         if head == ROUTER:
             # The base alone, no gradient into it: the router's features are fixed by the base.
             frozen = self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
             with frozen, torch.no_grad():
-                features = pooled_hidden(
-                    self.lm, batch["input_ids"], batch["attention_mask"], self.layers[head], self.stop_early
-                )
+                features = read()
         else:
-            features = pooled_hidden(
-                self.lm, batch["input_ids"], batch["attention_mask"], self.layers[head], self.stop_early
-            )
+            features = read()
         layer = self.heads[head]
         logits = layer(features.to(layer.weight.dtype)).float()
         loss = None

@@ -142,10 +142,11 @@ class Trainer:
         heads = {name: task.labels for name, task in self.tasks.items() if task.is_classification}
         if heads:  # classification tasks and the router: linear heads over the model's hidden states
             layers = {ROUTER: router_layers(self.lm, cfg.task.router_depth)} if ROUTER in heads else {}
+            stop_early = cfg.zero.stage < 3  # ZeRO-3 gathers parameters in the traced order of every layer
             if ROUTER in heads:  # its steps compute a fraction of the base, forward only
-                computed = layers[ROUTER] if cfg.zero.stage < 3 else num_layers(self.lm)
+                computed = layers[ROUTER] if stop_early else num_layers(self.lm)
                 self.flops_per_token[ROUTER] = router_flops_per_token(self.lm, seq_len, computed)
-            model = TaskModel(self.lm, heads, layers, stop_early=cfg.zero.stage < 3)
+            model = TaskModel(self.lm, heads, layers, stop_early=stop_early)
         engine.prepare(model, adapters.param_groups(model, cfg.adapter, list(self.tasks), self.tr.weight_decay))
         release_free_memory()
         self.built = time.time()

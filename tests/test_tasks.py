@@ -351,11 +351,13 @@ def test_every_assistant_turn_is_learned_in_the_servers_rendering(train_on, smol
     path.write_text(json.dumps(CONVERSATION) + "\n")
     (prompt, target), *_ = read_jsonl(str(path), False, tok.apply_chat_template, train_on=train_on)[0]
     ids, labels = encode_example(tok, prompt, target)
-    # The batched encoder the driver uses (the tokenizer's own batch call) learns the same tokens.
-    assert encode_examples(tok, [(prompt, target), ("a plain prompt", " x")]) == [
-        (ids, labels),
-        encode_example(tok, "a plain prompt", " x"),
+    # The batched encoder (the fast tokenizer's own batch call) gives the ids tokenizer() gives,
+    # each row its own, in a batch as alone.
+    plain = ("a plain prompt", " x")
+    assert ids == tok(prompt, add_special_tokens=False).input_ids + tok(target, add_special_tokens=False).input_ids + [
+        tok.eos_token_id
     ]
+    assert encode_examples(tok, [(prompt, target), plain]) == [(ids, labels), encode_example(tok, *plain)]
 
     end = tok.eos_token  # <|im_end|>, SmolLM2's end of turn and EOS
     call = format_call("get_weather", {"city": "Oslo"})

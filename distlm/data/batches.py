@@ -57,16 +57,7 @@ def encode_example(tokenizer, prompt: str, target: str) -> Tuple[List[int], List
     """(input ids, labels): the target and a closing EOS are learned, the prompt is not, except
     the earlier assistant turns a chat prompt marks to be learned (data/tasks.py: Turns,
     train_on=all): the tokens that lie wholly inside one of them."""
-    spans = getattr(prompt, "spans", ()) if getattr(prompt, "learned", False) else ()
-    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=bool(spans))
-    prompt_ids = encoded.input_ids
-    prompt_labels = [IGNORE] * len(prompt_ids)
-    if spans:
-        for i, (start, end) in enumerate(encoded.offset_mapping):
-            if end > start and any(a <= start and end <= b for a, b in spans):
-                prompt_labels[i] = prompt_ids[i]
-    target_ids = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    return prompt_ids + target_ids, prompt_labels + target_ids
+    return encode_examples(tokenizer, [(prompt, target)])[0]
 
 
 def _encode_batch(tokenizer, texts: List[str], offsets: bool = False):
